@@ -1,0 +1,162 @@
+"""The model directory (docs/architecture.md): ``model.json``, ``stage1.pt``, optionally ``stage2.pt``."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meunet.errors import InputError
+from meunet.models.cascade import Cascade, build_cascade
+from meunet.models.meunet import MeUNet
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model directory, modules in eval mode on the requested device.
+
+    Attributes:
+        meta: the parsed ``model.json`` (``normalization``, ``window``, ``patch`` ...).
+        stage1: the meU-net.
+        stage2: the cascade (stage 1 inside, frozen) or None for a stage-1-only model.
+        classes: class names, index = label value.
+    """
+
+    meta: dict[str, Any]
+    stage1: MeUNet
+    stage2: Cascade | None
+    classes: list[str]
+
+    def net(self, image: torch.Tensor, stage1_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (N, n_classes, Z, Y, X) of the final stage for a normalised image window (N, C_in, Z, Y, X).
+
+        ``stage1_out`` (N, stage2.stage1_channels, Z, Y, X), e.g. cached probabilities, is only used by a
+        cascade; a stage-1-only model ignores it.
+        """
+        if self.stage2 is None:
+            return self.stage1(image)
+        return self.stage2(image, stage1_out)
+
+
+def _state_dict_cpu(module: torch.nn.Module, skip_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().cpu()
+        for k, v in module.state_dict().items()
+        if skip_prefix is None or not k.startswith(skip_prefix)
+    }
+
+
+def save_model_dir(
+    path: str | os.PathLike[str],
+    meta: dict[str, Any],
+    stage1: MeUNet,
+    stage2: Cascade | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a model directory; each file goes to a temporary name first and is renamed into place.
+
+    ``meta`` becomes ``model.json`` with ``format_version``, ``in_channels``, ``stage1`` (= ``stage1.spec``)
+    and ``stage2`` (= ``stage2.spec`` or null) filled in from the modules; the rest (``classes``,
+    ``normalization``, ``patch``, ``window`` ...) is the caller's. ``stage2.pt`` holds the cascade's weights
+    without stage 1's. ``model.json`` is written last.
+
+    Raises:
+        InputError: ``path`` holds a model already and ``force`` is False, or is a file.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(path, "exists and is not a directory")
+    if (path / "model.json").exists() and not force:
+        raise InputError(path, "model directory exists (use --force to overwrite)")
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {
+        **meta,
+        "format_version": FORMAT_VERSION,
+        "in_channels": stage1.spec["in_channels"],
+        "stage1": stage1.spec,
+        "stage2": None if stage2 is None else stage2.spec,
+    }
+    files = {"stage1.pt": _state_dict_cpu(stage1)}
+    if stage2 is not None:
+        files["stage2.pt"] = _state_dict_cpu(stage2, skip_prefix="stage1.")
+    for name, state in files.items():
+        tmp = path / f".{name}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path / name)
+    tmp = path / ".model.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path / "model.json")
+    if stage2 is None:
+        (path / "stage2.pt").unlink(missing_ok=True)
+    return path
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    file = path / "model.json"
+    if not file.is_file():
+        raise InputError(file, "missing: not a meunet model directory")
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(file, f"unreadable: {exc}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("stage1"), dict):
+        raise InputError(file, "no 'stage1' architecture")
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or len(classes) != meta["stage1"].get("n_classes"):
+        raise InputError(file, "'classes' must list one name per output class")
+    if meta.get("stage2") is not None and not isinstance(meta["stage2"], dict):
+        raise InputError(file, "'stage2' must be null or an architecture")
+    return meta
+
+
+def _load_state(
+    file: Path, module: torch.nn.Module, device: str | torch.device, skip_prefix: str | None = None
+):
+    if not file.is_file():
+        raise InputError(file, "missing")
+    try:
+        state = torch.load(file, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise InputError(file, f"unreadable weights: {exc}") from None
+    if not isinstance(state, dict):
+        raise InputError(file, "not a state dict")
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=skip_prefix is None)
+    except RuntimeError as exc:
+        raise InputError(file, f"does not match model.json's architecture: {exc}") from None
+    missing = [k for k in missing if skip_prefix is None or not k.startswith(skip_prefix)]
+    if missing or unexpected:
+        raise InputError(
+            file, f"does not match model.json's architecture: missing {missing}, unexpected {unexpected}"
+        )
+
+
+def load_model_dir(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> ModelBundle:
+    """Load a model directory written by :func:`save_model_dir` (weights with ``weights_only=True``).
+
+    Raises:
+        InputError: missing directory, missing or corrupt ``model.json`` or ``.pt`` file, or weights that do
+            not fit the architecture in ``model.json``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(path, "model directory not found")
+    meta = _read_meta(path)
+    try:
+        stage1 = MeUNet(**meta["stage1"])
+        stage2 = None if meta.get("stage2") is None else build_cascade(stage1, meta["stage2"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise InputError(path / "model.json", f"bad architecture: {exc}") from None
+    _load_state(path / "stage1.pt", stage1, device)
+    if stage2 is not None:
+        _load_state(path / "stage2.pt", stage2, device, skip_prefix="stage1.")
+    stage1.to(device).eval()
+    if stage2 is not None:
+        stage2.to(device).eval()
+    return ModelBundle(meta=meta, stage1=stage1, stage2=stage2, classes=list(meta["classes"]))
