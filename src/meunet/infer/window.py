@@ -1,0 +1,308 @@
+"""Streaming sliding-window inference: window geometry, blending maps and the z-streaming engine.
+
+The engine (:class:`SlidingWindow`) runs any network over any lazily sliceable volume and yields the
+blended output slab by slab along z. It holds only
+
+- one float32 accumulator of ``n_out x window_z x Y x X`` (plus a ``window_z x Y x X`` weight sum),
+- one raw input slab of ``window_z x Y x X`` per source, in the source's own dtype,
+- one batch of windows,
+
+so host memory depends on the window and the slice size, never on the volume's depth. Windows are placed as
+nnU-Net places them (evenly spread so that the last window ends at the border) and visited in z-start order;
+once the windows of one z-start are done, every z below the next z-start is final and is yielded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+Blend = Literal["gaussian", "constant", "vote"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Shape3 = tuple[int, int, int]
+
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def window_starts(size: int, window: int, overlap: float) -> list[int]:
+    """Start indices of the windows along one axis, as nnU-Net places them.
+
+    The target step is ``window * (1 - overlap)``; ``n = ceil((size - window) / step) + 1`` windows are spread
+    evenly, ``round(linspace(0, size - window, n))``, so the first starts at 0 and the last ends at ``size``.
+    An axis no longer than the window gets one window at 0 (the volume is padded up to the window).
+    """
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must lie in [0, 1), got {overlap}")
+    if size <= window:
+        return [0]
+    n = math.ceil((size - window) / (window * (1 - overlap))) + 1
+    return [int(s) for s in np.round(np.linspace(0, size - window, n))]
+
+
+def importance_map(window: Shape3, blend: Blend) -> np.ndarray:
+    """Per-voxel weight of one window's output, float32 (wz, wy, wx).
+
+    - ``gaussian``: separable Gaussian with sigma = window / 8 per axis, clamped below at
+      ``max(min, 1e-3)``; built exactly as MONAI's ``compute_importance_map(mode="gaussian",
+      sigma_scale=0.125)`` (and nnU-Net's map, up to a constant factor).
+    - ``constant``: ones.
+    - ``vote``: the notebook's centre-weighted vote, 2 inside the window's central half-cube
+      (``[w // 4, w - w // 4)`` on every axis) and 1 elsewhere; used on one-hot hard labels.
+    """
+    if blend == "constant":
+        return np.ones(window, np.float32)
+    if blend == "vote":
+        weights = np.ones(window, np.float32)
+        weights[tuple(slice(n // 4, n - n // 4) for n in window)] = 2
+        return weights
+    if blend != "gaussian":
+        raise ValueError(f"unknown blend {blend!r}; use gaussian, constant or vote")
+    axes = [
+        torch.exp(
+            torch.arange(-(n - 1) / 2, (n - 1) / 2 + 1, dtype=torch.float32) ** 2 / (-2 * (n * 0.125) ** 2)
+        )
+        for n in window
+    ]
+    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return weights.clamp(min=max(weights.min().item(), 1e-3)).numpy()
+
+
+def labels_from_scores(scores: np.ndarray) -> np.ndarray:
+    """Argmax over classes, slice by slice (no int64 slab): float (C, Z, Y, X) -> uint8 (Z, Y, X)."""
+    labels = np.empty(scores.shape[1:], np.uint8)
+    for z in range(scores.shape[1]):
+        labels[z] = np.argmax(scores[:, z], axis=0)
+    return labels
+
+
+def softmax_(scores: np.ndarray) -> np.ndarray:
+    """Softmax over axis 0 of a float32 (C, ...) array, in place; returns the same array."""
+    scores -= scores.max(axis=0)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=0)
+    return scores
+
+
+@dataclass
+class WindowCounts:
+    """How many windows a stream visited and how many of them it skipped as empty."""
+
+    windows: int = 0
+    skipped: int = 0
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """Settings of a sliding-window prediction; :meth:`stream` runs it.
+
+    Args:
+        window: window size (wz, wy, wx) in voxels.
+        overlap: fraction of the window shared by neighbours, in [0, 1); the step is window * (1 - overlap).
+        blend: ``gaussian`` (default), ``constant`` or ``vote`` (see :func:`importance_map`). With ``vote``
+            each window's output is turned into one-hot hard labels before weighting.
+        batch: windows per forward pass.
+        device: torch device the network runs on; accumulation stays on the host.
+        precision: ``fp32``, or ``bf16`` / ``fp16`` autocast.
+        tta: average the outputs over the 8 flips of the three spatial axes.
+    """
+
+    window: Shape3
+    overlap: float = 0.5
+    blend: Blend = "gaussian"
+    batch: int = 1
+    device: str = "cpu"
+    precision: Precision = "fp32"
+    tta: bool = False
+    _weights: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.window) != 3 or min(self.window) < 1:
+            raise ValueError(f"window must be three positive sizes, got {self.window}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be at least 1, got {self.batch}")
+        if self.precision not in _AUTOCAST:
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        window_starts(1, 1, self.overlap)  # validates overlap
+        object.__setattr__(self, "window", tuple(int(w) for w in self.window))
+        object.__setattr__(self, "_weights", importance_map(self.window, self.blend))
+
+    def grid(self, shape: Shape3) -> list[list[int]]:
+        """Window starts per axis for a volume of ``shape`` (z, y, x), after padding it up to the window."""
+        return [window_starts(max(s, w), w, self.overlap) for s, w in zip(shape, self.window, strict=True)]
+
+    def probabilities_(self, scores: np.ndarray) -> np.ndarray:
+        """Turn a yielded slab into probabilities in place: softmax of blended logits (gaussian, constant);
+        with ``vote`` the scores already are vote fractions. float32 (C, dz, Y, X)."""
+        return scores if self.blend == "vote" else softmax_(scores)
+
+    def stream(
+        self,
+        net: Callable[..., torch.Tensor],
+        sources: Sequence,
+        n_out: int,
+        *,
+        transforms: Sequence[Callable[[np.ndarray], np.ndarray] | None] | None = None,
+        skip_below: float | None = None,
+        skip_logits: Sequence[float] | None = None,
+        start_z: int = 0,
+        counts: WindowCounts | None = None,
+        progress: bool = False,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Predict a volume window by window and yield its blended output slab by slab along z.
+
+        Args:
+            net: called as ``net(*inputs)`` with one float32 tensor (B, C_i, wz, wy, wx) per source, on
+                ``device``; returns (B, n_out, wz, wy, wx) logits. Put modules in eval mode first.
+            sources: array-likes sliced lazily along z: (Z, Y, X) (one channel) or (C_i, Z, Y, X); all of
+                the same spatial shape. Each is read once, slab by slab, keeping ``window_z`` slices.
+            n_out: number of output channels.
+            transforms: per source, a function mapping a raw window (C_i, dz, dy, dx) in the source dtype to
+                float32 of the same shape (e.g. intensity normalisation); None casts to float32. Windows
+                reaching past a volume smaller than the window are padded with zeros after the transform.
+            skip_below: if set, a window whose raw first-source values are all below it is not run; it
+                contributes ``skip_logits`` (an n_out vector, e.g. background-certain logits) everywhere.
+            start_z: yield only z >= start_z (and run only windows reaching past it); the slabs are
+                identical to those of a stream started at 0, so an interrupted prediction can resume.
+            counts: if given, its ``windows`` and ``skipped`` are increased as windows are visited.
+            progress: show a tqdm bar over windows.
+
+        Yields:
+            ``(z0, scores)``: scores float32 (n_out, dz, Y, X) for z in [z0, z0 + dz), consecutive and
+            covering [start_z, Z). Blended logits (weighted mean), or vote fractions for ``vote``. The array
+            is a view into the engine's buffer, valid until the next slab is requested.
+        """
+        shape = tuple(sources[0].shape[-3:])
+        if any(tuple(s.shape[-3:]) != shape for s in sources):
+            raise ValueError(f"sources differ in spatial shape: {[tuple(s.shape) for s in sources]}")
+        if skip_below is not None and (skip_logits is None or len(skip_logits) != n_out):
+            raise ValueError("skip_below needs skip_logits with one value per output channel")
+        transforms = transforms or [None] * len(sources)
+        counts = counts if counts is not None else WindowCounts()
+        wz, wy, wx = self.window
+        zs, ys, xs = self.grid(shape)
+        padded = (zs[-1] + wz, ys[-1] + wy, xs[-1] + wx)
+        rows = [i for i, z in enumerate(zs) if z + wz > start_z]
+        acc = np.zeros((n_out, wz, *padded[1:]), np.float32)
+        weight_sum = np.zeros((wz, *padded[1:]), np.float32)
+        caches = [_SlabCache(s, wz) for s in sources]
+        skip_out = None if skip_below is None else self._skip_output(skip_logits)
+        bar = tqdm(total=len(rows) * len(ys) * len(xs), disable=not progress, unit="window")
+        for k, i in enumerate(rows):
+            z0 = zs[i]
+            if k:
+                _shift(acc, weight_sum, z0 - zs[rows[k - 1]])
+            raw = [c.advance(z0, min(z0 + wz, shape[0])) for c in caches]
+            row = list(itertools.product(ys, xs))
+            for b in range(0, len(row), self.batch):
+                batch = row[b : b + self.batch]
+                self._run_batch(net, raw, transforms, batch, acc, weight_sum, skip_below, skip_out, counts)
+                bar.update(len(batch))
+            end = zs[i + 1] if i + 1 < len(zs) else padded[0]
+            lo, hi = max(z0, start_z), min(end, shape[0])
+            if hi > lo:
+                scores = acc[:, lo - z0 : hi - z0, : shape[1], : shape[2]]
+                np.divide(scores, weight_sum[lo - z0 : hi - z0, : shape[1], : shape[2]], out=scores)
+                yield lo, scores
+        bar.close()
+
+    def labels(self, net: Callable[..., torch.Tensor], sources: Sequence, n_out: int, **kwargs) -> np.ndarray:
+        """Whole-volume uint8 labels (Z, Y, X) in memory: :meth:`stream` followed by argmax (for blocks of a
+        Dask array, tests, small volumes). ``kwargs`` go to :meth:`stream`."""
+        out = np.empty(tuple(sources[0].shape[-3:]), np.uint8)
+        for z0, scores in self.stream(net, sources, n_out, **kwargs):
+            out[z0 : z0 + scores.shape[1]] = labels_from_scores(scores)
+        return out
+
+    def _run_batch(self, net, raw, transforms, batch, acc, weight_sum, skip_below, skip_out, counts) -> None:
+        """Cut, transform and pad the windows of one batch, run the net, add weighted outputs to ``acc``."""
+        run, inputs = [], [[] for _ in raw]
+        for y0, x0 in batch:
+            counts.windows += 1
+            crops = [r[:, :, y0 : y0 + self.window[1], x0 : x0 + self.window[2]] for r in raw]
+            if skip_out is not None and (crops[0].size == 0 or crops[0].max() < skip_below):
+                counts.skipped += 1
+                self._add(acc, weight_sum, y0, x0, skip_out[:, None, None, None] * self._weights)
+                continue
+            run.append((y0, x0))
+            for inp, crop, transform in zip(inputs, crops, transforms, strict=True):
+                inp.append(self._pad(crop.astype(np.float32) if transform is None else transform(crop)))
+        if not run:
+            return
+        outputs = self._forward(net, [np.stack(inp) for inp in inputs])
+        for (y0, x0), out in zip(run, outputs, strict=True):
+            out *= self._weights
+            self._add(acc, weight_sum, y0, x0, out)
+
+    def _add(self, acc, weight_sum, y0, x0, weighted) -> None:
+        acc[:, :, y0 : y0 + self.window[1], x0 : x0 + self.window[2]] += weighted
+        weight_sum[:, y0 : y0 + self.window[1], x0 : x0 + self.window[2]] += self._weights
+
+    def _pad(self, window: np.ndarray) -> np.ndarray:
+        """Zero-pad a (C, dz, dy, dx) window at its far ends up to the full window size."""
+        missing = [w - n for w, n in zip(self.window, window.shape[1:], strict=True)]
+        if not any(missing):
+            return window
+        return np.pad(window, [(0, 0)] + [(0, m) for m in missing])
+
+    def _forward(self, net, inputs: list[np.ndarray]) -> np.ndarray:
+        """Run the net on one batch (with flips if ``tta``); float32 (B, n_out, wz, wy, wx) numpy scores."""
+        tensors = [torch.from_numpy(a).to(self.device) for a in inputs]
+        device_type = torch.device(self.device).type
+        dtype = _AUTOCAST[self.precision]
+        with torch.inference_mode(), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            out = net(*tensors).float()
+            if self.tta:
+                for n in (1, 2, 3):
+                    for dims in itertools.combinations((2, 3, 4), n):
+                        out += net(*[t.flip(dims) for t in tensors]).float().flip(dims)
+                out /= 8
+            if self.blend == "vote":
+                out = torch.zeros_like(out).scatter_(1, out.argmax(1, keepdim=True), 1.0)
+        return out.cpu().numpy()
+
+    def _skip_output(self, skip_logits: Sequence[float]) -> np.ndarray:
+        """What a skipped window contributes per channel: the logits, or their one-hot vote."""
+        logits = np.asarray(skip_logits, np.float32)
+        if self.blend == "vote":
+            return (np.arange(len(logits)) == np.argmax(logits)).astype(np.float32)
+        return logits
+
+
+class _SlabCache:
+    """The raw z-range [z0, z1) of one source, kept across window rows so each slice is read once."""
+
+    def __init__(self, source, depth: int) -> None:
+        self.source = source
+        channels = source.shape[0] if source.ndim == 4 else 1
+        self.buffer = np.empty((channels, depth, *source.shape[-2:]), source.dtype)
+        self.z0 = self.z1 = 0
+
+    def advance(self, z0: int, z1: int) -> np.ndarray:
+        """Cover [z0, z1) (z0 not decreasing); returns a view (C, z1 - z0, Y, X)."""
+        keep = max(0, self.z1 - z0)
+        for k in range(keep):  # slice by slice: overlapping copies would make numpy allocate a temporary
+            self.buffer[:, k] = self.buffer[:, z0 - self.z0 + k]
+        if z1 > z0 + keep:
+            self.buffer[:, keep : z1 - z0] = self._read(z0 + keep, z1)
+        self.z0, self.z1 = z0, z1
+        return self.buffer[:, : z1 - z0]
+
+    def _read(self, z0: int, z1: int) -> np.ndarray:
+        return np.asarray(self.source[:, z0:z1] if self.source.ndim == 4 else self.source[z0:z1][None])
+
+
+def _shift(acc: np.ndarray, weight_sum: np.ndarray, d: int) -> None:
+    """Drop the first ``d`` (yielded) slices of the accumulators and zero the ``d`` freed at the end."""
+    depth = weight_sum.shape[0]
+    for k in range(depth - d):
+        acc[:, k] = acc[:, k + d]
+        weight_sum[k] = weight_sum[k + d]
+    acc[:, max(depth - d, 0) :] = 0
+    weight_sum[max(depth - d, 0) :] = 0
