@@ -1,0 +1,220 @@
+"""The training configuration: a YAML file validated by pydantic.
+
+Every key is documented in ``docs/config.md``. Relative paths are resolved against the directory of the YAML
+file. A bad key ends in one line naming it (``error: CONFIG.yaml: model.widths: ...``) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from meunet.errors import InputError
+
+
+def _triple(value: object) -> object:
+    """Accept one int for all three axes, or a (z, y, x) list."""
+    return (value, value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Triple = Annotated[tuple[int, int, int], BeforeValidator(_triple)]
+
+
+def _resolve(path: Path | None, info: ValidationInfo) -> Path | None:
+    base = (info.context or {}).get("base_dir")
+    return Path(base) / path if path is not None and base is not None and not path.is_absolute() else path
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VolumePair(_Strict):
+    """One labelled volume: an image and its label map of the same shape."""
+
+    image: Path
+    label: Path
+
+    _abs = field_validator("image", "label")(_resolve)
+
+
+class DataConfig(_Strict):
+    """Where the labelled volumes are: a synthetic ``dataset.json`` or explicit image/label pairs."""
+
+    dataset: Path | None = None
+    validation_count: int = Field(1, ge=1)
+    train: list[VolumePair] = []
+    validation: list[VolumePair] = []
+
+    _abs = field_validator("dataset")(_resolve)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.dataset is not None and (self.train or self.validation):
+            raise ValueError("give either dataset or train/validation pairs, not both")
+        if self.dataset is None and not (self.train and self.validation):
+            raise ValueError("give a dataset, or at least one train and one validation pair")
+        return self
+
+
+class ModelConfig(_Strict):
+    """The networks: stage 1 is a meU-net, stage 2 a U-net of the same widths joined by ``fusion``."""
+
+    classes: list[str] | None = Field(None, min_length=2)
+    widths: list[int] = Field([16, 32, 64, 128, 128], min_length=5, max_length=5)
+    norm: Literal["batch", "instance"] = "batch"
+    checkpointing: bool = True
+    fusion: Literal["post", "pre"] = "post"
+
+    @field_validator("widths")
+    @classmethod
+    def _positive(cls, widths: list[int]) -> list[int]:
+        if min(widths) < 1:
+            raise ValueError("every width must be at least 1")
+        return widths
+
+
+class PatchConfig(_Strict):
+    """Local patch, context patch and the sampling grid (design 2.2 and 2.4)."""
+
+    size: Triple = (160, 160, 160)
+    context_scale: float = Field(1.5, ge=1.0)
+    grid_step: Triple | None = None
+    background_threshold: float = Field(0.98, gt=0.0, le=1.0)
+    background_keep: float = Field(0.05, ge=0.0, le=1.0)
+
+    @field_validator("size")
+    @classmethod
+    def _even(cls, size: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(s < 8 or s % 2 for s in size):
+            raise ValueError("each side must be even and at least 8")
+        return size
+
+    @model_validator(mode="after")
+    def _step_divides(self) -> PatchConfig:
+        if self.grid_step is not None and any(
+            st < 1 or sz % st for sz, st in zip(self.size, self.grid_step, strict=True)
+        ):
+            raise ValueError(f"grid_step {list(self.grid_step)} must divide the patch size {list(self.size)}")
+        return self
+
+    @property
+    def step(self) -> tuple[int, int, int]:
+        """The grid step, half the patch side (50 % overlap) unless set."""
+        return self.grid_step or tuple(s // 2 for s in self.size)  # type: ignore[return-value]
+
+    @property
+    def context(self) -> tuple[int, int, int]:
+        """Context side: about ``context_scale`` times the patch, with the same centre (even margins)."""
+        return tuple(s + 2 * round(s * (self.context_scale - 1) / 2) for s in self.size)  # type: ignore
+
+
+class TrainingConfig(_Strict):
+    """Optimiser, limits, validation schedule and the data loader."""
+
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(9e-4, gt=0)
+    max_epochs: float = Field(400, gt=0)
+    max_iterations: int | None = Field(None, ge=1)
+    validate_every: int | None = Field(None, ge=1)
+    patience: int = Field(30, ge=1)
+    workers: int = Field(0, ge=0)
+    progress: bool = True
+
+
+class AugmentationConfig(_Strict):
+    """Random affine (rotation and isotropic scale about the patch centre) and flips, on the device."""
+
+    affine_probability: float = Field(0.2, ge=0, le=1)
+    rotation: float = Field(math.pi / 2, ge=0, le=math.pi)
+    scale: float = Field(0.1, ge=0, lt=1)
+    flips: bool = True
+
+
+class Stage2Config(_Strict):
+    """Stage-2 specifics: perturbation of the cached stage-1 probabilities."""
+
+    perturb_probability: float = Field(0.2, ge=0, le=1)
+
+
+class TrainConfig(_Strict):
+    """The whole ``meunet train`` configuration."""
+
+    output: Path
+    stages: Literal["1", "2", "both"] = "both"
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    patch: PatchConfig = PatchConfig()
+    training: TrainingConfig = TrainingConfig()
+    augmentation: AugmentationConfig = AugmentationConfig()
+    stage2: Stage2Config = Stage2Config()
+
+    _abs = field_validator("output")(_resolve)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _stage_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) else value
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        kind, _, index = value.partition(":")
+        if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+
+def parse_config(values: dict, source: str | Path, base_dir: str | Path | None = None) -> TrainConfig:
+    """Validate a configuration mapping.
+
+    Args:
+        values: the parsed YAML mapping.
+        source: what to name in an error (the YAML file).
+        base_dir: directory against which relative paths resolve (None: leave them as given).
+
+    Raises:
+        InputError: ``(source, "key.path: problem")`` for the first invalid key.
+    """
+    try:
+        return TrainConfig.model_validate(values, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "config"
+        message = first["msg"].removeprefix("Value error, ")
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise InputError(source, f"{where}: {message}{more}") from None
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a YAML configuration; relative paths resolve against the file's directory.
+
+    Raises:
+        InputError: missing or unparsable file, or an invalid key (named in the message).
+    """
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise InputError(path, f"cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise InputError(path, f"not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise InputError(path, "expected a mapping of keys at the top level")
+    return parse_config(values, path, path.resolve().parent)
