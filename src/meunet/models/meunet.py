@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from meunet.models.unet import UNet3D, crop_to, pad_to_multiple
@@ -40,7 +39,7 @@ class MeUNet(UNet3D):
         """
         size = [(s + 1) // 2 for s in context.shape[2:]]
         with torch.no_grad():
-            x1 = F.max_pool3d(self.encoders[0](pad_to_multiple(context)), 2)
+            _, x1 = self.down(0, pad_to_multiple(context))
         return crop_to(self.context_head(self.inner(x1)), size)
 
     def forward(

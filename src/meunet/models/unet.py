@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,11 +90,6 @@ def crop_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return x[..., : size[0], : size[1], : size[2]]
 
 
-def _up_cat(skip: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
-    """Nearest-neighbour upsampling of ``deep`` to ``skip``'s size, then concatenation [skip, upsampled]."""
-    return torch.cat([skip, F.interpolate(deep, size=skip.shape[2:], mode="nearest")], dim=1)
-
-
 class UNet3D(nn.Module):
     """3D U-net (design 2.1): five levels, four max-pools of 2, two conv stages per level, 1x1x1 head.
 
@@ -142,13 +138,29 @@ class UNet3D(nn.Module):
         self.decoders = nn.ModuleList(ConvStage(w[i] + dec_up[i], dec_out[i], norm) for i in range(4))
         self.head = nn.Conv3d(w[0], n_classes, 1)
 
-    def run_stage(self, module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """``module(x)``, checkpointed when ``checkpointing`` is on and gradients are enabled."""
+    def run_stage(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, checkpointed when ``checkpointing`` is on and gradients are enabled.
+
+        Checkpointing keeps only ``fn``'s tensor arguments and recomputes the rest in backward.
+        """
         if self.checkpointing and torch.is_grad_enabled():
             return checkpoint(
-                module, x, use_reentrant=False, preserve_rng_state=False, context_fn=_checkpoint_contexts
+                fn, *args, use_reentrant=False, preserve_rng_state=False, context_fn=_checkpoint_contexts
             )
-        return module(x)
+        return fn(*args)
+
+    def down(self, level: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder stage ``level`` (0 = top) and max-pool: returns (skip, pooled)."""
+        skip = self.encoders[level](x)
+        return skip, F.max_pool3d(skip, 2)
+
+    def up(self, level: int, skip: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+        """Decoder stage ``level``: nearest upsampling of ``deep`` to ``skip``'s size, [skip, up], conv stage.
+
+        Run as one checkpointed segment, it keeps only ``skip`` (kept anyway) and the small ``deep``, not the
+        concatenation.
+        """
+        return self.decoders[level](torch.cat([skip, F.interpolate(deep, size=skip.shape[2:])], dim=1))
 
     def inner(self, x1: torch.Tensor) -> torch.Tensor:
         """Levels 2 to 5 and the decoder down to level 2.
@@ -160,22 +172,19 @@ class UNet3D(nn.Module):
         """
         skips = []
         h = x1
-        for level in range(1, 5):
-            h = self.run_stage(self.encoders[level], h)
-            if level < 4:
-                skips.append(h)
-                h = F.max_pool3d(h, 2)
+        for level in range(1, 4):
+            skip, h = self.run_stage(self.down, level, h)
+            skips.append(skip)
+        h = self.run_stage(self.encoders[4], h)
         for level in range(3, 0, -1):
-            h = self.run_stage(self.decoders[level], _up_cat(skips[level - 1], h))
+            h = self.run_stage(self.up, level, skips[level - 1], h)
         return h
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Last decoder features (after the top decoder stage): (N, C_in, Z, Y, X) -> (N, w0, Z, Y, X)."""
         size = x.shape[2:]
-        x = pad_to_multiple(x)
-        top = self.run_stage(self.encoders[0], x)
-        h = self.inner(F.max_pool3d(top, 2))
-        return crop_to(self.run_stage(self.decoders[0], _up_cat(top, h)), size)
+        top, x1 = self.run_stage(self.down, 0, pad_to_multiple(x))
+        return crop_to(self.run_stage(self.up, 0, top, self.inner(x1)), size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, n_classes, Z, Y, X) of an image (N, C_in, Z, Y, X)."""
