@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from meunet.infer import SlidingWindow, WindowCounts, importance_map, labels_from_scores, window_starts
+from meunet.infer import Input, SlidingWindow, WindowCounts, importance_map, labels_from_scores, window_starts
 
 
 def _net(in_channels: int = 1, n_out: int = 3, seed: int = 0) -> torch.nn.Module:
@@ -19,12 +19,14 @@ def _net(in_channels: int = 1, n_out: int = 3, seed: int = 0) -> torch.nn.Module
     ).eval()
 
 
-def _naive(net, volume: np.ndarray, window, overlap: float, weights: np.ndarray, n_out: int) -> np.ndarray:
-    """Whole-volume reference: pad to the window, visit every window, sum weighted logits, divide."""
+def _naive(net, volume: np.ndarray, window, overlap: float, weights: np.ndarray, n_out: int, fill, transform):
+    """Whole-volume reference: pad with ``fill`` up to the window, transform, visit every window, sum weighted
+    logits, divide."""
     size = volume.shape
     padded_size = [max(s, w) for s, w in zip(size, window, strict=True)]
-    padded = np.zeros(padded_size, np.float32)
+    padded = np.full(padded_size, fill, np.float32)
     padded[: size[0], : size[1], : size[2]] = volume
+    padded = transform(padded)
     starts = []
     for s, w in zip(padded_size, window, strict=True):
         n = 1 if s == w else int(np.ceil((s - w) / (w * (1 - overlap)))) + 1
@@ -72,11 +74,15 @@ def test_streamed_labels_equal_whole_volume(shape, window, batch, blend):
             out = net(x)
             return torch.zeros_like(out).scatter_(1, out.argmax(1, keepdim=True), 1.0)
 
-    expected = _naive(reference_net, volume, window, 0.5, importance_map(window, blend), 3)
-    slabs = list((z0, s.shape[1]) for z0, s in engine.stream(net, [volume], 3))
+    def transform(raw):
+        return np.tanh(raw) * 2
+
+    expected = _naive(reference_net, volume, window, 0.5, importance_map(window, blend), 3, -3.0, transform)
+    inputs = [Input(volume, transform, fill=-3.0)]
+    slabs = list((z0, s.shape[1]) for z0, s in engine.stream(net, inputs, 3))
     assert slabs[0][0] == 0 and all(a + n == b for (a, n), (b, _) in itertools.pairwise(slabs))
     assert sum(n for _, n in slabs) == shape[0]
-    got = engine.labels(net, [volume], 3)
+    got = engine.labels(net, inputs, 3)
     assert got.dtype == np.uint8 and got.shape == shape
     np.testing.assert_array_equal(got, np.argmax(expected, axis=0))
 
@@ -131,9 +137,8 @@ def test_skip_empty_and_transform():
     engine = SlidingWindow(window, overlap=0.5, blend="gaussian")
     labels = engine.labels(
         _net(),
-        [image],
+        [Input(image, transform=lambda raw: raw.astype(np.float32) / 100)],
         3,
-        transforms=[lambda raw: raw.astype(np.float32) / 100],
         skip_below=50,
         skip_logits=[0.0, -10.0, -10.0],
         counts=counts,

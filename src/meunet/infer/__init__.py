@@ -5,6 +5,7 @@
 """
 
 from meunet.infer.window import (
+    Input,
     SlidingWindow,
     WindowCounts,
     importance_map,
@@ -14,6 +15,7 @@ from meunet.infer.window import (
 )
 
 __all__ = [
+    "Input",
     "SlidingWindow",
     "WindowCounts",
     "importance_map",

@@ -18,7 +18,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -90,6 +90,29 @@ def softmax_(scores: np.ndarray) -> np.ndarray:
     return scores
 
 
+@dataclass(frozen=True)
+class Input:
+    """One input of the network, as the engine reads it.
+
+    Attributes:
+        array: (Z, Y, X) (one channel) or (C, Z, Y, X) array-like, sliced lazily along z (``array[z0:z1]``
+            or ``array[:, z0:z1]`` must return numpy).
+        transform: maps a raw window (C, wz, wy, wx) in the array's dtype to float32 of the same shape,
+            e.g. intensity normalisation; None casts to float32.
+        fill: raw value (scalar, or one per channel) of voxels past the border of a volume smaller than the
+            window, applied before ``transform``; as training pads its patches (raw zeros for images,
+            background one-hot for stage-1 probabilities).
+    """
+
+    array: Any
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+    fill: float | tuple[float, ...] = 0.0
+
+    def window(self, raw: np.ndarray) -> np.ndarray:
+        """The float32 network input of one raw window."""
+        return raw.astype(np.float32) if self.transform is None else self.transform(raw)
+
+
 @dataclass
 class WindowCounts:
     """How many windows a stream visited and how many of them it skipped as empty."""
@@ -145,10 +168,9 @@ class SlidingWindow:
     def stream(
         self,
         net: Callable[..., torch.Tensor],
-        sources: Sequence,
+        inputs: Sequence[Input | np.ndarray],
         n_out: int,
         *,
-        transforms: Sequence[Callable[[np.ndarray], np.ndarray] | None] | None = None,
         skip_below: float | None = None,
         skip_logits: Sequence[float] | None = None,
         start_z: int = 0,
@@ -158,15 +180,12 @@ class SlidingWindow:
         """Predict a volume window by window and yield its blended output slab by slab along z.
 
         Args:
-            net: called as ``net(*inputs)`` with one float32 tensor (B, C_i, wz, wy, wx) per source, on
+            net: called as ``net(*inputs)`` with one float32 tensor (B, C_i, wz, wy, wx) per input, on
                 ``device``; returns (B, n_out, wz, wy, wx) logits. Put modules in eval mode first.
-            sources: array-likes sliced lazily along z: (Z, Y, X) (one channel) or (C_i, Z, Y, X); all of
-                the same spatial shape. Each is read once, slab by slab, keeping ``window_z`` slices.
+            inputs: :class:`Input` s (or bare arrays) of the same spatial shape; each array is read once,
+                slab by slab, keeping ``window_z`` slices.
             n_out: number of output channels.
-            transforms: per source, a function mapping a raw window (C_i, dz, dy, dx) in the source dtype to
-                float32 of the same shape (e.g. intensity normalisation); None casts to float32. Windows
-                reaching past a volume smaller than the window are padded with zeros after the transform.
-            skip_below: if set, a window whose raw first-source values are all below it is not run; it
+            skip_below: if set, a window whose raw first-input values are all below it is not run; it
                 contributes ``skip_logits`` (an n_out vector, e.g. background-certain logits) everywhere.
             start_z: yield only z >= start_z (and run only windows reaching past it); the slabs are
                 identical to those of a stream started at 0, so an interrupted prediction can resume.
@@ -178,12 +197,12 @@ class SlidingWindow:
             covering [start_z, Z). Blended logits (weighted mean), or vote fractions for ``vote``. The array
             is a view into the engine's buffer, valid until the next slab is requested.
         """
-        shape = tuple(sources[0].shape[-3:])
-        if any(tuple(s.shape[-3:]) != shape for s in sources):
-            raise ValueError(f"sources differ in spatial shape: {[tuple(s.shape) for s in sources]}")
+        inputs = [i if isinstance(i, Input) else Input(i) for i in inputs]
+        shape = tuple(inputs[0].array.shape[-3:])
+        if any(tuple(i.array.shape[-3:]) != shape for i in inputs):
+            raise ValueError(f"inputs differ in spatial shape: {[tuple(i.array.shape) for i in inputs]}")
         if skip_below is not None and (skip_logits is None or len(skip_logits) != n_out):
             raise ValueError("skip_below needs skip_logits with one value per output channel")
-        transforms = transforms or [None] * len(sources)
         counts = counts if counts is not None else WindowCounts()
         wz, wy, wx = self.window
         zs, ys, xs = self.grid(shape)
@@ -191,7 +210,7 @@ class SlidingWindow:
         rows = [i for i, z in enumerate(zs) if z + wz > start_z]
         acc = np.zeros((n_out, wz, *padded[1:]), np.float32)
         weight_sum = np.zeros((wz, *padded[1:]), np.float32)
-        caches = [_SlabCache(s, wz) for s in sources]
+        caches = [_SlabCache(i.array, wz) for i in inputs]
         skip_out = None if skip_below is None else self._skip_output(skip_logits)
         bar = tqdm(total=len(rows) * len(ys) * len(xs), disable=not progress, unit="window")
         for k, i in enumerate(rows):
@@ -202,7 +221,7 @@ class SlidingWindow:
             row = list(itertools.product(ys, xs))
             for b in range(0, len(row), self.batch):
                 batch = row[b : b + self.batch]
-                self._run_batch(net, raw, transforms, batch, acc, weight_sum, skip_below, skip_out, counts)
+                self._run_batch(net, inputs, raw, batch, acc, weight_sum, skip_below, skip_out, counts)
                 bar.update(len(batch))
             end = zs[i + 1] if i + 1 < len(zs) else padded[0]
             lo, hi = max(z0, start_z), min(end, shape[0])
@@ -212,17 +231,20 @@ class SlidingWindow:
                 yield lo, scores
         bar.close()
 
-    def labels(self, net: Callable[..., torch.Tensor], sources: Sequence, n_out: int, **kwargs) -> np.ndarray:
+    def labels(
+        self, net: Callable[..., torch.Tensor], inputs: Sequence[Input | np.ndarray], n_out: int, **kwargs
+    ) -> np.ndarray:
         """Whole-volume uint8 labels (Z, Y, X) in memory: :meth:`stream` followed by argmax (for blocks of a
         Dask array, tests, small volumes). ``kwargs`` go to :meth:`stream`."""
-        out = np.empty(tuple(sources[0].shape[-3:]), np.uint8)
-        for z0, scores in self.stream(net, sources, n_out, **kwargs):
+        first = inputs[0].array if isinstance(inputs[0], Input) else inputs[0]
+        out = np.empty(tuple(first.shape[-3:]), np.uint8)
+        for z0, scores in self.stream(net, inputs, n_out, **kwargs):
             out[z0 : z0 + scores.shape[1]] = labels_from_scores(scores)
         return out
 
-    def _run_batch(self, net, raw, transforms, batch, acc, weight_sum, skip_below, skip_out, counts) -> None:
-        """Cut, transform and pad the windows of one batch, run the net, add weighted outputs to ``acc``."""
-        run, inputs = [], [[] for _ in raw]
+    def _run_batch(self, net, inputs, raw, batch, acc, weight_sum, skip_below, skip_out, counts) -> None:
+        """Cut, pad and transform the windows of one batch, run the net, add weighted outputs to ``acc``."""
+        run, windows = [], [[] for _ in raw]
         for y0, x0 in batch:
             counts.windows += 1
             crops = [r[:, :, y0 : y0 + self.window[1], x0 : x0 + self.window[2]] for r in raw]
@@ -231,11 +253,11 @@ class SlidingWindow:
                 self._add(acc, weight_sum, y0, x0, skip_out[:, None, None, None] * self._weights)
                 continue
             run.append((y0, x0))
-            for inp, crop, transform in zip(inputs, crops, transforms, strict=True):
-                inp.append(self._pad(crop.astype(np.float32) if transform is None else transform(crop)))
+            for stack, crop, inp in zip(windows, crops, inputs, strict=True):
+                stack.append(inp.window(self._pad(crop, inp.fill)))
         if not run:
             return
-        outputs = self._forward(net, [np.stack(inp) for inp in inputs])
+        outputs = self._forward(net, [np.stack(stack) for stack in windows])
         for (y0, x0), out in zip(run, outputs, strict=True):
             out *= self._weights
             self._add(acc, weight_sum, y0, x0, out)
@@ -244,12 +266,14 @@ class SlidingWindow:
         acc[:, :, y0 : y0 + self.window[1], x0 : x0 + self.window[2]] += weighted
         weight_sum[:, y0 : y0 + self.window[1], x0 : x0 + self.window[2]] += self._weights
 
-    def _pad(self, window: np.ndarray) -> np.ndarray:
-        """Zero-pad a (C, dz, dy, dx) window at its far ends up to the full window size."""
-        missing = [w - n for w, n in zip(self.window, window.shape[1:], strict=True)]
-        if not any(missing):
-            return window
-        return np.pad(window, [(0, 0)] + [(0, m) for m in missing])
+    def _pad(self, crop: np.ndarray, fill: float | Sequence[float]) -> np.ndarray:
+        """Fill a raw (C, dz, dy, dx) crop up to the window at its far ends with ``fill`` (per channel)."""
+        if crop.shape[1:] == self.window:
+            return crop
+        out = np.empty((crop.shape[0], *self.window), crop.dtype)
+        out[...] = np.reshape(fill, (-1, 1, 1, 1))
+        out[:, : crop.shape[1], : crop.shape[2], : crop.shape[3]] = crop
+        return out
 
     def _forward(self, net, inputs: list[np.ndarray]) -> np.ndarray:
         """Run the net on one batch (with flips if ``tta``); float32 (B, n_out, wz, wy, wx) numpy scores."""
