@@ -1,0 +1,223 @@
+"""Volume I/O: read, lazily open and stream-write 3D images in the formats microCT users have.
+
+Arrays are (z, y, x); spacing and origin are (z, y, x) in millimetres; ``direction`` columns are the world
+(LPS, listed z, y, x) directions of the array axes (see :mod:`meunet.io._volume`). Formats, chosen by
+suffix: NIfTI ``.nii``/``.nii.gz``, TIFF ``.tif``/``.tiff`` (multi-page) or a folder of TIFF slices (a path
+without suffix when writing), Zarr / OME-Zarr ``.zarr``, NRRD ``.nrrd``, MetaImage ``.mha``/``.mhd``,
+NumPy ``.npy``, and (reading only) a folder holding one DICOM series. Every user-caused problem raises
+:class:`meunet.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+
+from meunet.errors import InputError
+from meunet.io._volume import LazyArray, Volume
+from meunet.io._writer import VolumeWriter
+
+__all__ = [
+    "LazyArray",
+    "Volume",
+    "VolumeWriter",
+    "create_writer",
+    "iter_slabs",
+    "open_volume",
+    "read_volume",
+    "volume_format",
+    "write_volume",
+]
+
+_SUFFIX_FORMATS = {
+    ".nii": "nifti",
+    ".nii.gz": "nifti-gz",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".zarr": "zarr",
+    ".nrrd": "nrrd",
+    ".mha": "metaimage",
+    ".mhd": "metaimage",
+    ".npy": "npy",
+}
+SLAB_BYTES = 64 << 20
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def volume_format(path: str | PathLike[str]) -> str:
+    """Format of an existing volume: ``nifti``, ``nifti-gz``, ``tiff``, ``tiff-slices``, ``zarr``,
+    ``ome-zarr``, ``nrrd``, ``metaimage``, ``npy`` or ``dicom``. Raises InputError when it cannot tell."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file or directory")
+    suffix = _suffix(path)
+    if path.is_dir() and (
+        suffix == ".zarr" or any((path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup"))
+    ):
+        import zarr
+
+        try:
+            node = zarr.open(path, mode="r")
+        except Exception as exc:  # zarr raises many types for a damaged store
+            raise InputError(path, f"not a readable Zarr store ({exc})") from exc
+        return "ome-zarr" if isinstance(node, zarr.Group) else "zarr"
+    if path.is_dir():
+        from meunet.io._itk import dicom_series
+        from meunet.io._tiff import slice_files
+
+        if slice_files(path):
+            return "tiff-slices"
+        if dicom_series(path):
+            return "dicom"
+        raise InputError(path, "the folder holds no TIFF slices, DICOM series or Zarr store")
+    if suffix not in _SUFFIX_FORMATS or suffix == ".zarr":
+        raise InputError(path, f"unknown volume format {suffix or '(no suffix)'!r}; " + _KNOWN)
+    return _SUFFIX_FORMATS[suffix]
+
+
+_KNOWN = "use .nii, .nii.gz, .tif, .tiff, .zarr, .nrrd, .mha, .mhd, .npy, or a folder of TIFF or DICOM slices"
+
+
+def open_volume(path: str | PathLike[str], spacing: tuple[float, float, float] | None = None) -> Volume:
+    """Open a volume lazily where the format allows it (Zarr, npy, NIfTI, TIFF); others are read whole.
+
+    Args:
+        path: file or folder; the format comes from the suffix (see :func:`volume_format`).
+        spacing: (z, y, x) voxel size in mm that replaces the file's own (for TIFFs without metadata).
+
+    Returns:
+        a :class:`Volume` whose ``array`` (Z, Y, X), in the file's dtype, reads voxels only when sliced.
+    """
+    path = Path(path)
+    fmt = volume_format(path)
+    if fmt in ("nifti", "nifti-gz"):
+        from meunet.io._nifti import open_nifti as opener
+    elif fmt == "tiff":
+        from meunet.io._tiff import open_tiff as opener
+    elif fmt == "tiff-slices":
+        from meunet.io._tiff import open_tiff_slices as opener
+    elif fmt in ("zarr", "ome-zarr"):
+        from meunet.io._zarr import open_zarr as opener
+    elif fmt in ("nrrd", "metaimage"):
+        from meunet.io._itk import read_itk as opener
+    elif fmt == "dicom":
+        from meunet.io._itk import read_dicom as opener
+    else:
+        from meunet.io._npy import open_npy as opener
+    volume = opener(path)
+    if spacing is not None:
+        volume.spacing = tuple(float(s) for s in spacing)  # type: ignore[assignment]
+        if len(volume.spacing) != 3 or min(volume.spacing) <= 0:
+            raise InputError(path, f"spacing needs three positive values (z, y, x), got {spacing}")
+    return volume
+
+
+def read_volume(path: str | PathLike[str], spacing: tuple[float, float, float] | None = None) -> Volume:
+    """Read a whole volume into memory: like :func:`open_volume`, with ``array`` a numpy (Z, Y, X) array."""
+    volume = open_volume(path, spacing)
+    if not isinstance(volume.array, np.ndarray):
+        volume.array = volume.array[...]
+    return volume
+
+
+def create_writer(
+    path: str | PathLike[str],
+    shape: tuple[int, int, int],
+    dtype,
+    like: Volume | None = None,
+    chunks: tuple[int, int, int] | None = None,
+    force: bool = False,
+    resume: bool = False,
+) -> VolumeWriter:
+    """A streaming writer for a (Z, Y, X) volume: ``with create_writer(...) as w: w.write(z0, slab)``.
+
+    Slabs (dz, Y, X) may come in any order. The output is built in ``.<name>.partial/`` beside ``path`` and
+    moved into place when the ``with`` block ends cleanly; on an exception it is removed (kept when
+    ``resume``). Memory stays at one slab, except for NRRD and MetaImage, which hold the whole volume.
+
+    Args:
+        path: output; the format comes from the suffix; a path without suffix is a folder of TIFF slices.
+        shape: (Z, Y, X) of the whole output.
+        dtype: output dtype; each slab must cast to it safely.
+        like: volume whose spacing, origin and direction the output takes (default: 1 mm, identity).
+        chunks: (z, y, x) chunk shape for Zarr (default 64^3); ignored by other formats.
+        force: overwrite an existing output.
+        resume: continue a partial output left by an earlier run (Zarr, NIfTI, npy, TIFF, slice folder);
+            ``writer.is_written(z0, z1)`` then tells which slabs are already there.
+
+    Raises:
+        InputError: unknown suffix, or the output exists and ``force`` is false.
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    if path.exists() and not force:
+        raise InputError(path, "output exists; use --force to overwrite it")
+    if suffix and suffix not in _SUFFIX_FORMATS:
+        raise InputError(path, f"unknown volume format {suffix!r}; " + _KNOWN)
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(path, f"cannot write a volume of shape {tuple(shape)}: need (Z, Y, X) >= 1")
+    if chunks is not None and (len(chunks) != 3 or min(chunks) < 1):
+        raise InputError(path, f"chunks need three positive values (z, y, x), got {chunks}")
+    dtype = np.dtype(dtype).newbyteorder("=")
+    geo = like or Volume(np.empty((0, 0, 0)))
+    geometry = Volume(
+        np.broadcast_to(np.zeros((), dtype), tuple(shape)), geo.spacing, geo.origin, geo.direction
+    )
+    fmt = _SUFFIX_FORMATS.get(suffix, "tiff-slices")
+    if fmt in ("nifti", "nifti-gz"):
+        from meunet.io._nifti import NiftiWriter as Writer
+    elif fmt == "tiff":
+        from meunet.io._tiff import TiffWriter as Writer
+    elif fmt == "tiff-slices":
+        from meunet.io._tiff import TiffSlicesWriter as Writer
+    elif fmt == "zarr":
+        from meunet.io._zarr import ZarrWriter as Writer
+    elif fmt in ("nrrd", "metaimage"):
+        from meunet.io._itk import ItkWriter as Writer
+    else:
+        from meunet.io._npy import NpyWriter as Writer
+    return Writer(path, geometry, None if chunks is None else tuple(int(c) for c in chunks), resume)
+
+
+def slab_depth(shape: tuple[int, ...], dtype, chunk_z: int = 1) -> int:
+    """Slices per slab so that one slab holds about 64 MiB, rounded to a multiple of ``chunk_z``."""
+    per_slice = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+    depth = max(1, SLAB_BYTES // max(per_slice, 1))
+    return max(chunk_z, depth // chunk_z * chunk_z)
+
+
+def iter_slabs(array, depth: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(z0, array[z0 : z0 + depth])`` over a (Z, Y, X) array or lazy array, as numpy slabs.
+
+    ``depth`` defaults to about 64 MiB of voxels per slab.
+    """
+    depth = depth or slab_depth(array.shape, array.dtype)
+    for z0 in range(0, array.shape[0], depth):
+        yield z0, np.asarray(array[z0 : z0 + depth])
+
+
+def write_volume(
+    path: str | PathLike[str],
+    volume: Volume,
+    chunks: tuple[int, int, int] | None = None,
+    force: bool = False,
+) -> None:
+    """Write a volume (its array may be lazy: it is streamed slab by slab) with its geometry.
+
+    Args:
+        path: output path; the format comes from the suffix (see :func:`create_writer`).
+        volume: the (Z, Y, X) volume to write, dtype kept.
+        chunks: (z, y, x) chunk shape for Zarr outputs.
+        force: overwrite an existing output.
+    """
+    array = volume.array
+    with create_writer(path, array.shape, array.dtype, like=volume, chunks=chunks, force=force) as writer:
+        for z0, slab in iter_slabs(array, slab_depth(array.shape, array.dtype, writer.z_chunk)):
+            writer.write(z0, slab)

@@ -1,0 +1,76 @@
+"""NRRD, MetaImage (``.mha`` / ``.mhd``) and DICOM series through SimpleITK.
+
+These formats are read whole into memory and written from a whole in-memory volume: SimpleITK gives no
+cheap slab access from Python. Geometry follows ITK (LPS), reversed into (z, y, x) order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from meunet.errors import InputError
+from meunet.io._volume import Volume, geometry_from_itk, geometry_to_itk
+from meunet.io._writer import VolumeWriter
+
+
+def _volume_from_image(path: Path, image: sitk.Image) -> Volume:
+    dims = image.GetDimension() + (image.GetNumberOfComponentsPerPixel() > 1)
+    if dims != 3:
+        raise InputError(path, f"not a 3D volume: the image has {dims} dimensions, size {image.GetSize()}")
+    geometry = geometry_from_itk(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    return Volume(sitk.GetArrayFromImage(image), **geometry)
+
+
+def read_itk(path: Path) -> Volume:
+    """Read a NRRD or MetaImage file whole (numpy array in memory)."""
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(path, f"not a readable image ({str(exc).strip().splitlines()[-1]})") from exc
+    return _volume_from_image(path, image)
+
+
+def dicom_series(folder: Path) -> list[str]:
+    """File names of the single DICOM series in ``folder``, in slice order ([] when there is none)."""
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if len(ids) > 1:
+        raise InputError(folder, f"the folder holds {len(ids)} DICOM series; give a folder with one")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])) if ids else []
+
+
+def read_dicom(folder: Path) -> Volume:
+    """Read a DICOM series folder whole (numpy array in memory)."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(dicom_series(folder))
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(
+            folder, f"not a readable DICOM series ({str(exc).strip().splitlines()[-1]})"
+        ) from exc
+    return _volume_from_image(folder, image)
+
+
+class ItkWriter(VolumeWriter):
+    """NRRD / MetaImage writer: slabs fill an in-memory volume, SimpleITK writes it at the end."""
+
+    def _create(self) -> dict:
+        self._buffer = np.zeros(self.shape, self.dtype)
+        return {}
+
+    def _write(self, z0: int, slab: np.ndarray) -> None:
+        self._buffer[z0 : z0 + slab.shape[0]] = slab
+
+    def _finish(self) -> None:
+        image = sitk.GetImageFromArray(self._buffer)
+        spacing, origin, direction = geometry_to_itk(self.geometry)
+        image.SetSpacing(spacing)
+        image.SetOrigin(origin)
+        image.SetDirection(direction)
+        sitk.WriteImage(image, str(self.target))
+
+    def _release(self) -> None:
+        self._buffer = None

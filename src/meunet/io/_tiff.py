@@ -1,0 +1,186 @@
+"""TIFF: one multi-page file, or a folder of 2D slices, through tifffile.
+
+Spacing comes from ImageJ metadata (``spacing`` for z, the X/YResolution tags for x and y, ``unit``) or from
+OME-XML ``PhysicalSize*``; other TIFFs carry no trustworthy spacing and read as 1 mm unless the user gives
+one. Without a z spacing the volume is taken as isotropic (z = x spacing). Writes are uncompressed and
+contiguous: ImageJ hyperstacks for uint8, uint16, int16 and float32, OME-TIFF otherwise, BigTIFF (OME) from
+4 GB on.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from meunet.errors import InputError
+from meunet.io._volume import MM_PER_UNIT, LazyArray, Volume, require_3d
+from meunet.io._writer import RawWriter, VolumeWriter
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+_IMAGEJ_DTYPES = {np.dtype(t) for t in ("uint8", "uint16", "int16", "float32")}
+_BIGTIFF_FROM = 2**32 - 2**25
+
+
+def _spacing_mm(tif: tifffile.TiffFile) -> tuple[float, float, float] | None:
+    """(z, y, x) spacing in mm from ImageJ or OME metadata, or None when the file does not say."""
+    if tif.is_ome and tif.ome_metadata:
+        pixels = ET.fromstring(tif.ome_metadata).find(".//{*}Pixels")
+        if pixels is not None and pixels.get("PhysicalSizeX"):
+            out = []
+            for ax in "ZYX":
+                size = pixels.get(f"PhysicalSize{ax}") or pixels.get("PhysicalSizeX")
+                unit = pixels.get(f"PhysicalSize{ax}Unit", "µm")
+                out.append(float(size) * MM_PER_UNIT.get(unit, 1.0))
+            return tuple(out)  # type: ignore[return-value]
+    meta = tif.imagej_metadata
+    if tif.is_imagej and meta is not None:
+        unit = str(meta.get("unit", "")).replace("\\u00B5", "µ")
+        if unit not in MM_PER_UNIT:
+            return None
+        page = tif.pages.first
+        xres, yres = (page.tags.get(t) for t in ("XResolution", "YResolution"))
+        if xres is None or yres is None:
+            return None
+        sx = xres.value[1] / xres.value[0] * MM_PER_UNIT[unit]
+        sy = yres.value[1] / yres.value[0] * MM_PER_UNIT[unit]
+        sz = float(meta["spacing"]) * MM_PER_UNIT[unit] if "spacing" in meta else sx
+        return (sz, sy, sx)
+    return None
+
+
+def _open_tiff_file(path: Path) -> tifffile.TiffFile:
+    try:
+        return tifffile.TiffFile(path)
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError) as exc:
+        raise InputError(path, f"not a readable TIFF file ({exc})") from exc
+
+
+def open_tiff(path: Path) -> Volume:
+    """Open a multi-page TIFF lazily: memory-mapped when uncompressed and contiguous, else page by page."""
+    tif = _open_tiff_file(path)
+    try:
+        series = tif.series[0]
+        shape, dtype = series.shape, series.dtype
+        spacing = _spacing_mm(tif)
+    except Exception as exc:  # tifffile raises many types for a damaged file
+        tif.close()
+        raise InputError(path, f"not a readable TIFF file ({exc})") from exc
+    require_3d(path, shape)
+    end = (series.dataoffset or 0) + int(np.prod(shape)) * dtype.itemsize
+    if series.dataoffset is not None and end <= path.stat().st_size:
+        tif.close()
+        mm = np.memmap(path, dtype=dtype, mode="r", offset=series.dataoffset, shape=shape)
+        array = LazyArray(path, shape, dtype, lambda key: np.array(mm[key]))
+    else:
+
+        def read(key):
+            zk, yk, xk = key
+            pages = [zk] if isinstance(zk, int) else list(range(*zk.indices(shape[0])))
+            if not pages:
+                return np.empty((0, *shape[1:]), dtype)[:, yk, xk]
+            data = tif.asarray(key=pages, series=0).reshape(len(pages), *shape[1:])[:, yk, xk]
+            return data[0] if isinstance(zk, int) else data
+
+        array = LazyArray(path, shape, dtype, read)
+    return Volume(array, spacing=spacing or (1.0, 1.0, 1.0))
+
+
+def _natural_key(path: Path) -> list:
+    return [int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", path.name)]
+
+
+def slice_files(folder: Path) -> list[Path]:
+    """The TIFF files of a folder in natural order (``s2.tif`` before ``s10.tif``)."""
+    files = [p for p in folder.iterdir() if p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith(".")]
+    return sorted(files, key=_natural_key)
+
+
+def open_tiff_slices(folder: Path) -> Volume:
+    """Open a folder of 2D TIFF slices (one per z, natural sort order) lazily; every slice is checked."""
+    files = slice_files(folder)
+    if not files:
+        raise InputError(folder, "the folder holds no TIFF slices")
+    shapes = {}
+    for f in files:
+        with _open_tiff_file(f) as tif:
+            series = tif.series[0]
+            shapes.setdefault((series.shape, series.dtype.str), f)
+            if f is files[0]:
+                spacing = _spacing_mm(tif)
+    if len(shapes) > 1:
+        (s0, d0), (s1, d1) = list(shapes)[:2]
+        first, other = (
+            f"{files[0].name} is {s0} {np.dtype(d0)}",
+            f"{shapes[(s1, d1)].name} is {s1} {np.dtype(d1)}",
+        )
+        raise InputError(folder, f"slices differ in shape or dtype: {first}, {other}")
+    (shape2d, dtype) = next(iter(shapes))
+    if len(shape2d) != 2:
+        raise InputError(files[0], f"not a 2D slice: shape {shape2d}")
+    shape = (len(files), *shape2d)
+
+    def read(key):
+        zk, yk, xk = key
+        if isinstance(zk, int):
+            return tifffile.imread(files[zk])[yk, xk]
+        chosen = files[zk]
+        out = np.empty((len(chosen), *np.empty(shape2d, np.uint8)[yk, xk].shape), dtype)
+        for i, f in enumerate(chosen):
+            out[i] = tifffile.imread(f)[yk, xk]
+        return out
+
+    return Volume(LazyArray(folder, shape, dtype, read), spacing=spacing or (1.0, 1.0, 1.0))
+
+
+def _tiff_options(volume: Volume) -> dict:
+    """tifffile keywords holding a volume's spacing: ImageJ where the dtype allows, else OME."""
+    sz, sy, sx = volume.spacing
+    if volume.array.dtype in _IMAGEJ_DTYPES and volume.array.nbytes < _BIGTIFF_FROM:
+        return {
+            "imagej": True,
+            "resolution": (1 / sx, 1 / sy),
+            "metadata": {"axes": "ZYX", "spacing": sz, "unit": "mm"},
+        }
+    return {
+        "ome": True,
+        "bigtiff": volume.array.nbytes >= _BIGTIFF_FROM,
+        "metadata": {
+            "axes": "ZYX",
+            **{f"PhysicalSize{a}": s for a, s in zip("ZYX", volume.spacing, strict=True)},
+            **{f"PhysicalSize{a}Unit": "mm" for a in "ZYX"},
+        },
+    }
+
+
+class TiffWriter(RawWriter):
+    """Multi-page TIFF writer: tifffile lays out an empty contiguous file, slabs are then written in place."""
+
+    def _header(self) -> int:
+        tifffile.imwrite(self.target, shape=self.shape, dtype=self.dtype, **_tiff_options(self.geometry))
+        with tifffile.TiffFile(self.target) as tif:
+            return int(tif.series[0].dataoffset)
+
+
+class TiffSlicesWriter(VolumeWriter):
+    """Folder-of-slices writer: one 2D TIFF per z (``slice_00000.tif``, ...), each holding the spacing."""
+
+    resumable = True
+
+    def _create(self) -> dict:
+        self.target.mkdir()
+        return {}
+
+    def _reopen(self, state: dict) -> None:
+        pass
+
+    def _write(self, z0: int, slab: np.ndarray) -> None:
+        digits = max(5, len(str(self.shape[0] - 1)))
+        opts = _tiff_options(self.geometry)
+        opts["metadata"] = {k: v for k, v in opts["metadata"].items() if k != "axes"}
+        opts.pop("bigtiff", None)
+        for i, image in enumerate(slab):
+            tifffile.imwrite(self.target / f"slice_{z0 + i:0{digits}d}.tif", image, **opts)

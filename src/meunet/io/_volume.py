@@ -1,0 +1,197 @@
+"""The :class:`Volume` record, the lazy array wrapper and the geometry conventions shared by all formats.
+
+Geometry convention: every vector is listed in (z, y, x) order, like the array axes. World coordinates are
+ITK's LPS frame (x to the patient's Left, y Posterior, z Superior), listed in that same reversed order, so
+``origin[0]`` is the LPS z coordinate. ``direction[:, k]`` is the world direction of array axis k. A voxel
+index ``(i, j, k)`` (z, y, x) sits at ``origin + direction @ (spacing * (i, j, k))``. With this convention an
+ITK image with identity direction has identity direction here too.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Any
+
+import numpy as np
+
+from meunet.errors import InputError
+
+Key = tuple[slice | int, slice | int, slice | int]
+
+# millimetres per unit, for the unit names found in ImageJ, OME-TIFF, OME-Zarr and NIfTI metadata
+MM_PER_UNIT = {
+    "mm": 1.0,
+    "millimeter": 1.0,
+    "millimetre": 1.0,
+    "um": 1e-3,
+    "µm": 1e-3,
+    "\u03bcm": 1e-3,
+    "micron": 1e-3,
+    "microns": 1e-3,
+    "micrometer": 1e-3,
+    "micrometre": 1e-3,
+    "nm": 1e-6,
+    "nanometer": 1e-6,
+    "nanometre": 1e-6,
+    "cm": 10.0,
+    "centimeter": 10.0,
+    "m": 1e3,
+    "meter": 1e3,
+    "metre": 1e3,
+    "inch": 25.4,
+    "angstrom": 1e-7,
+}
+
+
+@dataclass
+class Volume:
+    """A 3D image and its geometry.
+
+    Attributes:
+        array: (Z, Y, X) voxels; a numpy array, or a lazy array-like (``.shape``, ``.dtype``, ``.ndim``, and
+            basic slicing such as ``array[z0:z1]`` returning a new numpy array) that reads from the file.
+        spacing: voxel size (z, y, x) in millimetres.
+        origin: world position (z, y, x order, LPS frame) of voxel (0, 0, 0) in millimetres.
+        direction: 3x3 float64; column k is the unit world direction (z, y, x order, LPS) of array axis k.
+    """
+
+    array: Any
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+
+    def __post_init__(self) -> None:
+        if len(self.array.shape) != 3:
+            raise ValueError(f"a Volume needs a 3D (z, y, x) array, got shape {tuple(self.array.shape)}")
+        self.spacing = _triple(self.spacing, "spacing")
+        self.origin = _triple(self.origin, "origin")
+        self.direction = np.array(self.direction, dtype=np.float64).reshape(3, 3)
+
+
+def _triple(values, name: str) -> tuple[float, float, float]:
+    out = tuple(float(v) for v in values)
+    if len(out) != 3:
+        raise ValueError(f"{name} needs 3 values (z, y, x), got {values!r}")
+    return out  # type: ignore[return-value]
+
+
+def expand_key(key, shape: tuple[int, ...]) -> Key:
+    """Normalise a basic-slicing key for a 3D array to exactly three slices or non-negative ints."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(k is Ellipsis for k in key):
+        at = next(i for i, k in enumerate(key) if k is Ellipsis)
+        key = key[:at] + (slice(None),) * (3 - len(key) + 1) + key[at + 1 :]
+    key = key + (slice(None),) * (3 - len(key))
+    if len(key) != 3:
+        raise IndexError(f"too many indices for a 3D array: {key!r}")
+    out = []
+    for k, n in zip(key, shape, strict=True):
+        if isinstance(k, slice):
+            out.append(k)
+        elif isinstance(k, (int, np.integer)):
+            i = int(k) + n if k < 0 else int(k)
+            if not 0 <= i < n:
+                raise IndexError(f"index {k} is out of bounds for an axis of size {n}")
+            out.append(i)
+        else:
+            raise IndexError(f"only basic slicing (ints and slices) is supported, got {k!r}")
+    return tuple(out)  # type: ignore[return-value]
+
+
+class LazyArray:
+    """A read-only (Z, Y, X) array-like whose voxels stay in the file until sliced.
+
+    ``array[key]`` with basic slicing returns a new C-contiguous numpy array holding only the selected voxels.
+    Read errors (a truncated or corrupt file) raise :class:`InputError` naming the file.
+    """
+
+    def __init__(self, path: str | PathLike[str], shape, dtype, read: Callable[[Key], np.ndarray]):
+        self.path = str(path)
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self._read = read
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = expand_key(key, self.shape)
+        try:
+            with self._lock:
+                data = self._read(key)
+        except (OSError, EOFError, ValueError, zlib.error) as exc:
+            raise InputError(self.path, f"truncated or corrupt file ({exc})") from exc
+        return np.ascontiguousarray(data, dtype=self.dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        data = self[...]
+        return data if dtype is None else data.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"LazyArray({self.path!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+# ITK images list vectors in (x, y, z) order; ours are (z, y, x): reverse vectors, and reverse both the rows
+# and the columns of the direction matrix.
+def geometry_from_itk(spacing_xyz, origin_xyz, direction_xyz) -> dict:
+    """Volume geometry keywords from ITK's (x, y, z) spacing, origin and row-major 3x3 direction (LPS)."""
+    d = np.asarray(direction_xyz, dtype=np.float64).reshape(3, 3)
+    return {
+        "spacing": tuple(float(v) for v in spacing_xyz)[::-1],
+        "origin": tuple(float(v) for v in origin_xyz)[::-1],
+        "direction": d[::-1, ::-1].copy(),
+    }
+
+
+def geometry_to_itk(volume: Volume) -> tuple[tuple, tuple, tuple]:
+    """ITK (spacing, origin, direction) tuples, (x, y, z) order and row-major direction, of a volume."""
+    return (
+        volume.spacing[::-1],
+        volume.origin[::-1],
+        tuple(float(v) for v in volume.direction[::-1, ::-1].ravel()),
+    )
+
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def geometry_from_affine(affine: np.ndarray) -> dict:
+    """Volume geometry keywords from a NIfTI 4x4 affine (voxel (i, j, k) = (x, y, z) index -> RAS mm)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    lps = _RAS_TO_LPS @ affine[:3, :3]
+    m = lps[::-1, ::-1]  # rows: world (z, y, x); columns: array axes (z, y, x)
+    spacing = np.linalg.norm(m, axis=0)
+    spacing[spacing == 0] = 1.0
+    return {
+        "spacing": tuple(float(s) for s in spacing),
+        "origin": tuple(float(v) for v in (_RAS_TO_LPS @ affine[:3, 3])[::-1]),
+        "direction": m / spacing,
+    }
+
+
+def affine_from_geometry(volume: Volume) -> np.ndarray:
+    """The NIfTI 4x4 affine (voxel (x, y, z) index -> RAS mm) of a volume's geometry."""
+    m = volume.direction * np.asarray(volume.spacing)
+    affine = np.eye(4)
+    affine[:3, :3] = _RAS_TO_LPS @ m[::-1, ::-1]
+    affine[:3, 3] = _RAS_TO_LPS @ np.asarray(volume.origin)[::-1]
+    return affine
+
+
+def require_3d(path, shape) -> None:
+    """Raise :class:`InputError` unless ``shape`` is 3D."""
+    if len(shape) != 3:
+        raise InputError(
+            path, f"not a 3D volume: the array has {len(shape)} dimensions, shape {tuple(shape)}"
+        )

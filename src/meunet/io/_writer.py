@@ -1,0 +1,184 @@
+"""Streaming writers: slabs in, one file or store out, written under a temporary name and renamed at last.
+
+Every writer works inside a sibling folder ``.<name>.partial/`` that holds the output under its final name
+(plus, for MetaImage, its ``.raw`` data file) and a progress log. On a clean exit the output is moved into
+place and the folder removed; on an exception the folder is removed, unless the writer was opened with
+``resume=True``, in which case a later ``resume=True`` writer continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from meunet.errors import InputError
+from meunet.io._volume import Volume
+
+PROGRESS = "progress.jsonl"
+
+
+class VolumeWriter:
+    """Base of the format writers: a context manager taking (dz, Y, X) slabs through :meth:`write`.
+
+    Attributes:
+        path: the final output path.
+        shape: (Z, Y, X) of the whole output.
+        dtype: voxel dtype of the output; slabs must cast to it safely.
+        geometry: a voxel-free :class:`Volume` (broadcast array) holding shape, dtype, spacing, origin and
+            direction of the output.
+        z_chunk: chunk depth of the output (1 except for Zarr); slabs starting and ending on multiples of it
+            write whole chunks, which is faster and keeps resuming safe.
+    """
+
+    resumable = False  # formats with random-access writes into a file that survives the process
+
+    def __init__(self, path: Path, geometry: Volume, chunks: tuple[int, int, int] | None, resume: bool):
+        self.path = Path(path)
+        self.geometry = geometry
+        self.shape: tuple[int, int, int] = tuple(int(n) for n in geometry.array.shape)  # type: ignore[assignment]
+        self.dtype = np.dtype(geometry.array.dtype)
+        self.chunks = chunks
+        self.resume = resume
+        if resume and not self.resumable:
+            raise InputError(self.path, "resuming needs a Zarr, NIfTI, .npy, TIFF or slice-folder output")
+        self.partial = self.path.parent / f".{self.path.name}.partial"
+        self.target = self.partial / self.path.name
+        self._done = np.zeros(self.shape[0], dtype=bool)
+        self._log = None
+        self.z_chunk = 1  # slabs aligned to multiples of this depth write whole chunks (Zarr)
+
+    # -- the part each format fills in -------------------------------------------------------------------
+    def _create(self) -> dict:
+        """Create the empty output at ``self.target``; return what :meth:`_reopen` needs (JSON-able)."""
+        raise NotImplementedError
+
+    def _reopen(self, state: dict) -> None:
+        """Open the output left at ``self.target`` by an earlier run, given :meth:`_create`'s state."""
+        raise NotImplementedError
+
+    def _write(self, z0: int, slab: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        """Complete the file at ``self.target`` (called once, after the last write, before renaming)."""
+
+    def _release(self) -> None:
+        """Close open handles (called on success and on failure)."""
+
+    # -- common machinery ---------------------------------------------------------------------------------
+    def __enter__(self) -> VolumeWriter:
+        header = {"shape": list(self.shape), "dtype": self.dtype.str, "chunks": self.chunks}
+        if self.resume and (self.partial / PROGRESS).is_file():
+            lines = (self.partial / PROGRESS).read_text().splitlines()
+            old = json.loads(lines[0])
+            state = old.pop("state")
+            if old != header:
+                raise InputError(
+                    self.path,
+                    f"the partial output of an earlier run has shape {old['shape']}, dtype {old['dtype']}, "
+                    f"chunks {old['chunks']}; remove {self.partial} or run without resuming",
+                )
+            for line in lines[1:]:
+                if line.strip():
+                    z0, z1 = json.loads(line)
+                    self._done[z0:z1] = True
+            self._reopen(state)
+        else:
+            if self.partial.exists():
+                shutil.rmtree(self.partial)
+            self.partial.mkdir(parents=True)
+            state = self._create()
+            (self.partial / PROGRESS).write_text(json.dumps({**header, "state": state}) + "\n")
+        self._log = open(self.partial / PROGRESS, "a")  # closed in __exit__
+        return self
+
+    def write(self, z0: int, slab: np.ndarray) -> None:
+        """Write ``slab`` (dz, Y, X) at slices ``z0 : z0 + dz`` of the output; any order, any depth."""
+        slab = np.asarray(slab)
+        if slab.ndim != 3 or slab.shape[1:] != self.shape[1:] or z0 < 0 or z0 + slab.shape[0] > self.shape[0]:
+            raise ValueError(
+                f"slab of shape {slab.shape} at z0={z0} does not fit an output of shape {self.shape}"
+            )
+        if not np.can_cast(slab.dtype, self.dtype, "safe"):
+            raise TypeError(f"slab dtype {slab.dtype} does not cast safely to the output dtype {self.dtype}")
+        z1 = z0 + slab.shape[0]
+        self._write(z0, np.ascontiguousarray(slab, dtype=self.dtype))
+        self._done[z0:z1] = True
+        self._log.write(f"[{z0}, {z1}]\n")
+        self._log.flush()
+
+    def is_written(self, z0: int, z1: int) -> bool:
+        """Whether slices ``z0 : z1`` have all been written (in this run, or in the run being resumed)."""
+        return bool(self._done[z0:z1].all())
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._log is not None:
+            self._log.close()
+        if exc_type is not None:
+            self._release()
+            if not self.resume:
+                shutil.rmtree(self.partial, ignore_errors=True)
+            return
+        try:
+            self._finish()
+        finally:
+            self._release()
+        self._move_into_place()
+
+    def _move_into_place(self) -> None:
+        if self.path.is_dir() and not self.path.is_symlink():
+            old = self.partial / ".replaced"
+            os.replace(self.path, old)
+        for entry in sorted(self.partial.iterdir(), key=lambda p: p == self.target):  # main file last
+            if entry.name not in (PROGRESS, ".replaced"):
+                os.replace(entry, self.path.parent / entry.name)
+        shutil.rmtree(self.partial)
+
+
+class RawWriter(VolumeWriter):
+    """Writer for formats whose voxels are one C-order (z, y, x) block at a byte offset (npy, NIfTI, TIFF).
+
+    Subclasses create the file with its header at ``self._raw_path`` in :meth:`_header` and return the data
+    offset; voxels go straight to the file with ``pwrite``, so memory stays at one slab and slabs can come in
+    any order.
+    """
+
+    resumable = True
+
+    def _header(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def _raw_path(self) -> Path:
+        return self.target
+
+    def _create(self) -> dict:
+        offset = self._header()
+        end = offset + self.geometry.array.nbytes
+        if self._raw_path.stat().st_size < end:  # TIFF keeps IFDs after the data: never cut a file short
+            os.truncate(self._raw_path, end)
+        self._open(offset)
+        return {"offset": offset}
+
+    def _reopen(self, state: dict) -> None:
+        self._open(state["offset"])
+
+    def _open(self, offset: int) -> None:
+        self._offset = offset
+        self._fd = os.open(self._raw_path, os.O_RDWR)
+        self._slice_bytes = self.shape[1] * self.shape[2] * self.dtype.itemsize
+
+    def _write(self, z0: int, slab: np.ndarray) -> None:
+        view = memoryview(slab).cast("B")
+        at, done = self._offset + z0 * self._slice_bytes, 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], at + done)
+
+    def _release(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
