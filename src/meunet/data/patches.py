@@ -18,8 +18,7 @@ import torch
 from meunet.data.normalization import Normalization
 from meunet.data.sampling import PatchIndex, Shape3
 from meunet.errors import InputError
-
-SLAB_BYTES = 64 * 2**20
+from meunet.io import iter_slabs
 
 
 def read_padded(array, start: Sequence[int], size: Sequence[int], fill: float | np.ndarray = 0) -> np.ndarray:
@@ -59,15 +58,12 @@ def scan_image(array, path: str | PathLike[str], max_samples: int = 2_000_000) -
     Raises:
         InputError: NaN or infinite intensities.
     """
-    shape = array.shape
-    stride = max(1, math.ceil((math.prod(shape) / max_samples) ** (1 / 3)))
-    slab = stride * max(1, SLAB_BYTES // (stride * shape[1] * shape[2] * array.dtype.itemsize))
+    stride = max(1, math.ceil((math.prod(array.shape) / max_samples) ** (1 / 3)))
     samples = []
-    for z0 in range(0, shape[0], slab):
-        data = np.asarray(array[z0 : z0 + slab])
+    for z0, data in iter_slabs(array):
         if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
             raise InputError(path, f"NaN or infinite intensities (in slices {z0}..{z0 + len(data) - 1})")
-        samples.append(data[::stride, ::stride, ::stride].astype(np.float32).ravel())
+        samples.append(data[(-z0) % stride :: stride, ::stride, ::stride].astype(np.float32).ravel())
     return np.concatenate(samples)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from meunet.errors import InputError
+from meunet.io import iter_slabs
 
 Shape3 = tuple[int, int, int]
 
@@ -60,19 +61,18 @@ def cell_class_counts(
     Returns:
         int64 array (C, cz, cy, cx).
     """
-    depth, height, width = labels.shape
+    height, width = labels.shape[1:]
     counts = np.zeros((n_classes, *cells), dtype=np.int64)
+    counts[0] = math.prod(cell)  # cells past the volume's end hold background only
     padded_yx = (cells[1] * cell[1], cells[2] * cell[2])
-    cells_per_slab = max(1, SLAB_BYTES // (cell[0] * padded_yx[0] * padded_yx[1]))
-    for cz0 in range(0, cells[0], cells_per_slab):
-        cz1 = min(cz0 + cells_per_slab, cells[0])
-        slab = np.zeros(((cz1 - cz0) * cell[0], *padded_yx), dtype=np.uint8)
-        z0, z1 = cz0 * cell[0], min(cz1 * cell[0], depth)
-        if z1 > z0:
-            slab[: z1 - z0, :height, :width] = check_labels(np.asarray(labels[z0:z1]), n_classes, path)
-        blocks = slab.reshape(cz1 - cz0, cell[0], cells[1], cell[1], cells[2], cell[2])
+    depth = cell[0] * max(1, SLAB_BYTES // (cell[0] * padded_yx[0] * padded_yx[1]))
+    for z0, data in iter_slabs(labels, depth):
+        cz0, ncz = z0 // cell[0], -(-len(data) // cell[0])
+        slab = np.zeros((ncz * cell[0], *padded_yx), dtype=np.uint8)
+        slab[: len(data), :height, :width] = check_labels(data, n_classes, path)
+        blocks = slab.reshape(ncz, cell[0], cells[1], cell[1], cells[2], cell[2])
         for c in range(n_classes):
-            counts[c, cz0:cz1] = (blocks == c).sum(axis=(1, 3, 5))
+            counts[c, cz0 : cz0 + ncz] = (blocks == c).sum(axis=(1, 3, 5))
     return counts
 
 
