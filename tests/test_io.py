@@ -1,16 +1,27 @@
-"""meunet.io: round trips of every format, lazy slab reads, streaming writers, bad input."""
+"""meunet.io: round trips of every format, lazy slab reads, streaming and resumable writers, interop."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from meunet.errors import InputError
-from meunet.io import Volume, create_writer, open_volume, read_volume, volume_format, write_volume
+from meunet.io import (
+    Volume,
+    create_writer,
+    open_volume,
+    read_volume,
+    value_range,
+    volume_format,
+    write_volume,
+)
 
 RNG = np.random.default_rng(0)
 ROTATION = np.linalg.qr(RNG.normal(size=(3, 3)))[0]
-# what each format holds: (format name, dtypes to try, keeps origin+direction, keeps spacing)
+# output name -> (format read back, keeps origin and direction, keeps spacing)
 FORMATS = {
     "a.nii": ("nifti", True, True),
     "a.nii.gz": ("nifti-gz", True, True),
@@ -24,16 +35,16 @@ FORMATS = {
 }
 
 
-def _volume(dtype) -> Volume:
-    array = RNG.integers(0, 120, size=(7, 9, 11)).astype(dtype)
+def _volume(dtype, shape=(7, 9, 11)) -> Volume:
+    array = RNG.integers(0, 120, size=shape).astype(dtype)
     return Volume(array, spacing=(0.5, 0.25, 0.125), origin=(10.0, -20.5, 30.25), direction=ROTATION)
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
-@pytest.mark.parametrize("dtype", ["uint8", "int16", "float32"])
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "uint16", "float32", "float64", "int32"])
 def test_round_trip_keeps_voxels_dtype_and_geometry(tmp_path, name, dtype):
     fmt, keeps_pose, keeps_spacing = FORMATS[name]
-    volume = _volume(dtype)
+    volume = _volume(dtype, (3, 9, 11))  # 3 slices: TIFF must not take them for RGB planes
     path = tmp_path / name
     write_volume(path, volume)
     assert volume_format(path) == fmt
@@ -41,7 +52,7 @@ def test_round_trip_keeps_voxels_dtype_and_geometry(tmp_path, name, dtype):
     assert isinstance(back.array, np.ndarray)
     assert back.array.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(back.array, volume.array)
-    # NIfTI stores geometry as float32, TIFF resolution as a rational: compare at float32 precision
+    # NIfTI stores geometry as float32 and TIFF resolution as a rational: compare at float32 precision
     if keeps_spacing:
         np.testing.assert_allclose(back.spacing, volume.spacing, rtol=1e-6)
     else:
@@ -49,21 +60,109 @@ def test_round_trip_keeps_voxels_dtype_and_geometry(tmp_path, name, dtype):
     if keeps_pose:
         np.testing.assert_allclose(back.origin, volume.origin, rtol=1e-6)
         np.testing.assert_allclose(back.direction, volume.direction, atol=1e-6)
+    else:
+        assert back.origin == (0.0, 0.0, 0.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         {name, "a.raw"} if name == "a.mhd" else {name}
     )
 
 
-def test_writer_streams_slabs_in_any_order(tmp_path):
+def test_geometry_matches_itk_world_coordinates(tmp_path):
+    """Voxel (i, j, k) of our volume lies where ITK puts the same voxel, for NIfTI read by both libraries."""
+    volume = _volume("int16")
+    write_volume(tmp_path / "a.nii", volume)
+    image = sitk.ReadImage(str(tmp_path / "a.nii"))
+    back = open_volume(tmp_path / "a.nii")
+    for index in [(0, 0, 0), (6, 2, 5), (3, 8, 10)]:
+        ours = np.asarray(back.origin) + back.direction @ (np.asarray(back.spacing) * index)
+        itk = image.TransformIndexToPhysicalPoint(index[::-1])
+        np.testing.assert_allclose(ours[::-1], itk, atol=1e-4)
+        assert back.array[index] == image[index[::-1]]
+
+
+def test_lazy_array_slicing_matches_numpy(tmp_path):
+    volume = _volume("uint16")
+    keys = [
+        np.s_[2:5],
+        np.s_[-1],
+        np.s_[1:6:2, ::-1, 3],
+        np.s_[..., 4],
+        np.s_[3, 2, 1],
+        np.s_[5:2],
+        np.s_[:, 1:2],
+    ]
+    for name in ("a.nii.gz", "a.tif", "a.npy", "slices"):
+        write_volume(tmp_path / name, volume)
+        lazy = open_volume(tmp_path / name).array
+        assert not isinstance(lazy, np.ndarray)
+        assert (lazy.shape, lazy.dtype, lazy.ndim) == (volume.array.shape, volume.array.dtype, 3)
+        for key in keys:
+            got = lazy[key]
+            assert isinstance(got, np.ndarray) and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, volume.array[key])
+
+
+BIG = (512, 128, 128)  # 8 MiB of uint8, far larger than the slabs below
+
+
+@pytest.mark.parametrize("name", ["a.zarr", "a.npy", "a.nii", "a.tif", "slices"])
+def test_reading_a_slab_does_not_load_the_volume(tmp_path, name):
+    array = RNG.integers(0, 255, size=BIG, dtype=np.uint8)
+    write_volume(tmp_path / name, Volume(array), chunks=(8, 128, 128))
+    volume = open_volume(tmp_path / name)
+    tracemalloc.start()
+    slab = volume.array[100:102]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_array_equal(slab, array[100:102])
+    assert peak < array.nbytes / 16, f"reading 2 of {BIG[0]} slices allocated {peak} bytes"
+
+
+def test_tracemalloc_sees_a_whole_read(tmp_path):
+    """The measure used above does catch a whole-volume read."""
+    array = RNG.integers(0, 255, size=BIG, dtype=np.uint8)
+    write_volume(tmp_path / "a.npy", Volume(array))
+    tracemalloc.start()
+    read_volume(tmp_path / "a.npy")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak >= array.nbytes
+
+
+@pytest.mark.parametrize("name", ["a.nii", "a.nii.gz", "a.tif", "a.zarr", "a.npy"])
+def test_writer_memory_stays_near_one_slab(tmp_path, name):
+    shape = (1024, 128, 128)  # 16 MiB
+    slab = RNG.integers(0, 255, size=(8, *shape[1:]), dtype=np.uint8)
+    tracemalloc.start()
+    with create_writer(tmp_path / name, shape, np.uint8, chunks=(8, 64, 64)) as writer:
+        for z0 in range(0, shape[0], 8):
+            writer.write(z0, slab)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < np.prod(shape) / 8, f"writing 8-slice slabs of a {shape} volume allocated {peak} bytes"
+    np.testing.assert_array_equal(open_volume(tmp_path / name).array[-8:], slab)
+
+
+def test_writer_takes_slabs_in_any_order(tmp_path):
     volume = _volume("uint8")
-    for name in ("a.nii", "a.tif", "a.zarr", "a.npy"):
+    for name in ("a.nii", "a.tif", "a.zarr", "a.npy", "a.nrrd", "slices"):
         with create_writer(tmp_path / name, volume.array.shape, np.uint8, like=volume) as writer:
-            for z0 in (4, 0, 2):
-                writer.write(z0, volume.array[z0 : z0 + (3 if z0 == 4 else 2)])
+            for z0, z1 in [(4, 7), (0, 2), (2, 4)]:
+                assert not writer.is_written(z0, z1)
+                writer.write(z0, volume.array[z0:z1])
             assert writer.is_written(0, 7)
-        np.testing.assert_array_equal(
-            open_volume(tmp_path / name).array[2:5, 1:3, ::2], volume.array[2:5, 1:3, ::2]
-        )
+        np.testing.assert_array_equal(read_volume(tmp_path / name).array, volume.array)
+
+
+def test_writer_rejects_slabs_that_do_not_fit(tmp_path):
+    with create_writer(tmp_path / "a.npy", (4, 5, 6), np.uint8) as writer:
+        with pytest.raises(ValueError, match="does not fit"):
+            writer.write(3, np.zeros((2, 5, 6), np.uint8))
+        with pytest.raises(ValueError, match="does not fit"):
+            writer.write(0, np.zeros((1, 5, 7), np.uint8))
+        with pytest.raises(TypeError, match="cast"):
+            writer.write(0, np.zeros((1, 5, 6), np.float32))
+        writer.write(0, np.zeros((4, 5, 6), bool))
 
 
 def test_failed_write_leaves_nothing(tmp_path):
@@ -77,5 +176,165 @@ def test_existing_output_needs_force(tmp_path):
     (tmp_path / "a.npy").write_bytes(b"mine")
     with pytest.raises(InputError, match="exists"):
         create_writer(tmp_path / "a.npy", (2, 2, 2), np.uint8)
+    assert (tmp_path / "a.npy").read_bytes() == b"mine"
     write_volume(tmp_path / "a.npy", _volume("uint8"), force=True)
     assert read_volume(tmp_path / "a.npy").array.shape == (7, 9, 11)
+    write_volume(tmp_path / "a.zarr", _volume("uint8"))
+    write_volume(tmp_path / "a.zarr", _volume("int16", (3, 4, 5)), force=True)
+    assert read_volume(tmp_path / "a.zarr").array.shape == (3, 4, 5)
+
+
+@pytest.mark.parametrize("name", ["a.zarr", "a.nii.gz", "a.tif"])
+def test_resume_continues_a_killed_write(tmp_path, name):
+    volume = _volume("uint8", (12, 9, 11))
+    shape = volume.array.shape
+    first = create_writer(tmp_path / name, shape, np.uint8, like=volume, resume=True)
+    with pytest.raises(KeyboardInterrupt), first as w:
+        w.write(0, volume.array[0:4])
+        w.write(8, volume.array[8:12])
+        raise KeyboardInterrupt
+    assert not (tmp_path / name).exists()
+    for changed in [
+        {"shape": (12, 9, 12)},
+        {"dtype": np.int16},
+        {"like": Volume(volume.array, spacing=(1, 1, 1))},
+    ]:
+        args = {"shape": shape, "dtype": np.uint8, "like": volume, **changed}
+        with (
+            pytest.raises(InputError, match="earlier run"),
+            create_writer(tmp_path / name, **args, resume=True),
+        ):
+            pass
+    with create_writer(tmp_path / name, shape, np.uint8, like=volume, resume=True) as writer:
+        assert writer.is_written(0, 4) and writer.is_written(8, 12)
+        assert not writer.is_written(3, 5)
+        writer.write(4, volume.array[4:8])
+    back = read_volume(tmp_path / name)
+    np.testing.assert_array_equal(back.array, volume.array)
+    np.testing.assert_allclose(back.spacing, volume.spacing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_resume_needs_a_random_access_format(tmp_path):
+    with pytest.raises(InputError, match="resuming"):
+        create_writer(tmp_path / "a.nrrd", (2, 2, 2), np.uint8, resume=True)
+
+
+def test_zarr_writer_exposes_array_and_chunks(tmp_path):
+    with create_writer(tmp_path / "a.zarr", (20, 30, 40), np.uint8, chunks=(5, 30, 40)) as writer:
+        assert writer.z_chunk == 5
+        writer.array[0:20] = 7
+    back = open_volume(tmp_path / "a.zarr")
+    assert back.array.chunks == (5, 30, 40)
+    assert value_range(back.array) == (7, 7)
+
+
+def test_our_ome_zarr_is_readable_by_ome_zarr(tmp_path):
+    pytest.importorskip("ome_zarr", reason="ome-zarr (the napari plugin's reader) is not installed")
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    volume = _volume("uint8", (16, 16, 16))
+    write_volume(tmp_path / "ours.zarr", volume)
+    node = next(iter(Reader(parse_url(tmp_path / "ours.zarr"))()))
+    np.testing.assert_array_equal(np.asarray(node.data[0]), volume.array)
+    assert [a["name"] for a in node.metadata["axes"]] == ["z", "y", "x"]
+    assert node.metadata["coordinateTransformations"][0][0]["scale"] == list(volume.spacing)
+
+
+def test_reads_level_0_of_an_ngff_04_pyramid_with_a_channel_axis(tmp_path):
+    import zarr
+
+    volume = _volume("uint16", (16, 16, 16))
+    root = zarr.open_group(tmp_path / "theirs.zarr", mode="w", zarr_format=2)
+    axes = [{"name": "c", "type": "channel"}] + [
+        {"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"
+    ]
+    datasets = [
+        {
+            "path": str(level),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": [1.0] + [s * 2**level for s in (2.0, 3.0, 4.0)]},
+                {"type": "translation", "translation": [0.0, 5.0, 6.0, 7.0]},
+            ],
+        }
+        for level in range(2)
+    ]
+    root.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": datasets}]
+    root.create_array("0", data=volume.array[None])
+    root.create_array("1", data=volume.array[None, ::2, ::2, ::2])
+    theirs = open_volume(tmp_path / "theirs.zarr")
+    assert volume_format(tmp_path / "theirs.zarr") == "ome-zarr"
+    np.testing.assert_array_equal(theirs.array[...], volume.array)
+    np.testing.assert_array_equal(theirs.array[3:5, 2], volume.array[3:5, 2])
+    np.testing.assert_allclose(theirs.spacing, (0.002, 0.003, 0.004))
+    np.testing.assert_allclose(theirs.origin, (0.005, 0.006, 0.007))
+
+
+def test_dicom_series_folder(tmp_path):
+    volume = _volume("int16", (5, 6, 7))
+    image = sitk.GetImageFromArray(volume.array)
+    image.SetSpacing((0.7, 0.6, 2.5))
+    image.SetOrigin((-10.0, 20.0, 5.0))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        piece = image[:, :, k]
+        for tag, value in {
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
+            "0020|0013": str(k),
+            "0020|0032": "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))),
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+        }.items():
+            piece.SetMetaData(tag, value)
+        writer.SetFileName(str(tmp_path / f"im{k}.dcm"))
+        writer.Execute(piece)
+    assert volume_format(tmp_path) == "dicom"
+    back = read_volume(tmp_path)
+    np.testing.assert_array_equal(back.array, volume.array)
+    np.testing.assert_allclose(back.spacing, (2.5, 0.6, 0.7))
+    np.testing.assert_allclose(back.origin, (5.0, 20.0, -10.0))
+    np.testing.assert_allclose(back.direction, np.eye(3))
+
+
+def test_tiff_spacing_from_ome_and_user(tmp_path):
+    import tifffile
+
+    array = RNG.integers(0, 9, size=(3, 5, 6), dtype=np.uint8)  # few slices: stored as pages, not RGB
+    meta = {
+        "axes": "ZYX",
+        "PhysicalSizeX": 4.0,
+        "PhysicalSizeY": 3.0,
+        "PhysicalSizeZ": 2.0,
+    }  # default unit µm
+    tifffile.imwrite(tmp_path / "a.ome.tif", array, ome=True, metadata=meta, photometric="minisblack")
+    np.testing.assert_allclose(open_volume(tmp_path / "a.ome.tif").spacing, (0.002, 0.003, 0.004))
+    tifffile.imwrite(tmp_path / "plain.tif", array, photometric="minisblack")
+    assert open_volume(tmp_path / "plain.tif").spacing == (1.0, 1.0, 1.0)
+    assert open_volume(tmp_path / "plain.tif", spacing=(3, 2, 1)).spacing == (3.0, 2.0, 1.0)
+    tifffile.imwrite(
+        tmp_path / "ij.tif", array, imagej=True, resolution=(1 / 7.0, 1 / 7.0), metadata={"unit": "um"}
+    )
+    np.testing.assert_allclose(open_volume(tmp_path / "ij.tif").spacing, (0.007, 0.007, 0.007))  # isotropic z
+
+
+def test_slice_folder_is_read_in_natural_order(tmp_path):
+    import tifffile
+
+    for z in (10, 9, 1, 2):
+        tifffile.imwrite(tmp_path / f"s{z}.tif", np.full((3, 4), z, np.uint8))
+    assert [int(s[0, 0]) for s in read_volume(tmp_path).array] == [1, 2, 9, 10]
+
+
+def test_nifti_reads_scaled_data_as_float32_and_drops_trailing_singletons(tmp_path):
+    import nibabel as nib
+
+    data = RNG.integers(0, 100, size=(5, 4, 3, 1)).astype(np.int16)
+    img = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    img.header.set_slope_inter(0.5, -3.0)
+    nib.save(img, tmp_path / "a.nii")
+    back = read_volume(tmp_path / "a.nii")
+    assert back.array.dtype == np.float32
+    np.testing.assert_allclose(back.array, data[..., 0].T * 0.5 - 3.0)

@@ -7,6 +7,8 @@ and exit status 2. Commands live here; the work lives in the stage modules (``me
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 import typer
 from typer.core import TyperGroup
@@ -47,6 +49,144 @@ def version() -> None:
     import torch
 
     typer.echo(f"meunet {__version__} (torch {torch.__version__})")
+
+
+@app.command()
+def info(
+    volume: Path = typer.Argument(..., help="Volume file or folder (any format meunet reads)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    spacing: tuple[float, float, float] | None = typer.Option(
+        None, "--spacing", metavar="Z Y X", help="Voxel size in mm, replacing the file's own."
+    ),
+) -> None:
+    """Show a volume's format, shape, dtype, geometry, size and value range (computed slab by slab)."""
+    import json
+
+    from meunet.io import open_volume, value_range, volume_format
+
+    vol = open_volume(volume, spacing)
+    low, high = value_range(vol.array)
+    facts = {
+        "path": str(volume),
+        "format": volume_format(volume),
+        "shape": list(vol.array.shape),
+        "dtype": str(vol.array.dtype),
+        "spacing": list(vol.spacing),
+        "origin": list(vol.origin),
+        "direction": vol.direction.tolist(),
+        "nbytes": int(vol.array.nbytes),
+        "min": low,
+        "max": high,
+    }
+    if as_json:
+        typer.echo(json.dumps(facts))
+        return
+    z, y, x = facts["shape"]
+    rows = {
+        "path": facts["path"],
+        "format": facts["format"],
+        "shape": f"{z} x {y} x {x} (z, y, x)",
+        "dtype": facts["dtype"],
+        "spacing": " x ".join(f"{s:g}" for s in vol.spacing) + " mm (z, y, x)",
+        "origin": ", ".join(f"{o:g}" for o in vol.origin) + " mm (z, y, x; LPS)",
+        "direction": "; ".join(" ".join(f"{v:g}" for v in row) for row in vol.direction)
+        + " (columns z, y, x)",
+        "size": f"{facts['nbytes'] / 2**20:.1f} MiB",
+        "range": f"{low:g} .. {high:g}",
+    }
+    for key, value in rows.items():
+        typer.echo(f"{key:<10}{value}")
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="Input volume (any format meunet reads)."),
+    target: Path = typer.Argument(..., help="Output volume; its suffix picks the format."),
+    spacing: tuple[float, float, float] | None = typer.Option(
+        None, "--spacing", metavar="Z Y X", help="Voxel size in mm, replacing the input's own."
+    ),
+    chunks: tuple[int, int, int] | None = typer.Option(
+        None, "--chunks", metavar="Z Y X", help="Chunk shape of a Zarr output (default 64 64 64)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+) -> None:
+    """Convert a volume between formats, slab by slab where both formats allow it; geometry is kept."""
+    from meunet.io import open_volume, write_volume
+
+    write_volume(target, open_volume(source, spacing), chunks=chunks, force=force, progress=True)
+
+
+bench_app = typer.Typer(help="Measurements of design section 4 (memory, speed).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("memory")
+def bench_memory(
+    patch: int = typer.Option(160, "--patch", min=1, help="Side of the local patch (voxels)."),
+    context_scale: float = typer.Option(1.5, "--context-scale", min=1.0, help="Context side / local side."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Patches per step."),
+    widths: str = typer.Option("16,32,64,128,128", "--widths", help="Five encoder widths, comma-separated."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 / fp16 (mixed precision)."),
+    device: str = typer.Option(
+        "meta", "--device", help="cpu, cuda, or meta (exact activation bytes in seconds, no peak or time)."
+    ),
+    json_file: Path | None = typer.Option(None, "--json", help="Write the records as a JSON list."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a bar chart (PNG)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing --json / --plot files."),
+) -> None:
+    """Memory of one training step (forward, W_D loss, backward): baselines, meU-net, cascades."""
+    import json
+    import os
+
+    for out in (json_file, plot):
+        if out is not None and out.exists() and not force:
+            raise InputError(out, "exists (use --force to overwrite)")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise InputError("--precision", f"must be fp32, bf16 or fp16, not {precision!r}")
+    if device not in ("cpu", "cuda", "meta"):
+        raise InputError("--device", f"must be cpu, cuda or meta, not {device!r}")
+    try:
+        width_list = [int(w) for w in widths.split(",")]
+    except ValueError:
+        width_list = []
+    if len(width_list) != 5 or min(width_list) < 1:
+        raise InputError("--widths", f"need five positive integers like 16,32,64,128,128, not {widths!r}")
+
+    import torch
+
+    from meunet.bench import format_table, measure_memory, plot_memory
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device", "CUDA is not available on this machine")
+    records = measure_memory(
+        patch=patch,
+        context_scale=context_scale,
+        batch=batch,
+        widths=width_list,
+        precision=precision,
+        device=device,
+    )
+    typer.echo(format_table(records))
+    if json_file is not None:
+        tmp = json_file.with_name(f".{json_file.name}.tmp")
+        tmp.write_text(json.dumps(records, indent=1) + "\n")
+        os.replace(tmp, json_file)
+    if plot is not None:
+        tmp = plot.with_name(f".{plot.name}.tmp.png")
+        plot_memory(records, tmp)
+        os.replace(tmp, plot)
+
+
+@app.command("train")
+def train_command(
+    config: Path = typer.Argument(..., help="YAML configuration (every key: docs/config.md)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in the output."),
+    force: bool = typer.Option(False, "--force", help="Start over in an output that holds a run."),
+) -> None:
+    """Train stage 1, stage 2 or both from a YAML configuration into a model directory."""
+    from meunet.train import load_config, train
+
+    typer.echo(f"model directory: {train(load_config(config), resume=resume, force=force)}")
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "iter_slabs",
     "open_volume",
     "read_volume",
+    "value_range",
     "volume_format",
     "write_volume",
 ]
@@ -159,6 +160,8 @@ def create_writer(
     suffix = _suffix(path)
     if path.exists() and not force:
         raise InputError(path, "output exists; use --force to overwrite it")
+    if not path.parent.is_dir():
+        raise InputError(path.parent, "the output folder does not exist")
     if suffix and suffix not in _SUFFIX_FORMATS:
         raise InputError(path, f"unknown volume format {suffix!r}; " + _KNOWN)
     if len(shape) != 3 or min(shape) < 1:
@@ -203,11 +206,24 @@ def iter_slabs(array, depth: int | None = None) -> Iterator[tuple[int, np.ndarra
         yield z0, np.asarray(array[z0 : z0 + depth])
 
 
+def value_range(array) -> tuple[float, float]:
+    """(min, max) of a (Z, Y, X) array or lazy array, computed slab by slab (NaN if any voxel is NaN).
+
+    Returns Python ints for integer dtypes, floats otherwise.
+    """
+    low, high = [], []
+    for _, slab in iter_slabs(array):
+        low.append(slab.min())
+        high.append(slab.max())
+    return np.min(low).item(), np.max(high).item()
+
+
 def write_volume(
     path: str | PathLike[str],
     volume: Volume,
     chunks: tuple[int, int, int] | None = None,
     force: bool = False,
+    progress: bool = False,
 ) -> None:
     """Write a volume (its array may be lazy: it is streamed slab by slab) with its geometry.
 
@@ -216,8 +232,17 @@ def write_volume(
         volume: the (Z, Y, X) volume to write, dtype kept.
         chunks: (z, y, x) chunk shape for Zarr outputs.
         force: overwrite an existing output.
+        progress: show a progress bar (tqdm, on a terminal only).
     """
+    from tqdm import tqdm
+
     array = volume.array
     with create_writer(path, array.shape, array.dtype, like=volume, chunks=chunks, force=force) as writer:
-        for z0, slab in iter_slabs(array, slab_depth(array.shape, array.dtype, writer.z_chunk)):
-            writer.write(z0, slab)
+        depth = slab_depth(array.shape, array.dtype, writer.z_chunk)
+        bar = tqdm(
+            total=array.shape[0], unit="slice", desc=Path(path).name, disable=None if progress else True
+        )
+        with bar:
+            for z0, slab in iter_slabs(array, depth):
+                writer.write(z0, slab)
+                bar.update(len(slab))

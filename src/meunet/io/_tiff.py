@@ -9,6 +9,7 @@ contiguous: ImageJ hyperstacks for uint8, uint16, int16 and float32, OME-TIFF ot
 
 from __future__ import annotations
 
+import logging
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -23,6 +24,8 @@ from meunet.io._writer import RawWriter, VolumeWriter
 TIFF_SUFFIXES = (".tif", ".tiff")
 _IMAGEJ_DTYPES = {np.dtype(t) for t in ("uint8", "uint16", "int16", "float32")}
 _BIGTIFF_FROM = 2**32 - 2**25
+# tifffile logs damaged-file findings as errors; meunet reports such files as one InputError line instead
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
 def _spacing_mm(tif: tifffile.TiffFile) -> tuple[float, float, float] | None:
@@ -59,6 +62,20 @@ def _open_tiff_file(path: Path) -> tifffile.TiffFile:
         raise InputError(path, f"not a readable TIFF file ({exc})") from exc
 
 
+def _check_complete(path: Path, tif: tifffile.TiffFile, shape: tuple[int, ...]) -> None:
+    """Raise InputError where the file's own metadata promises more images than it holds (truncation)."""
+    if tif.is_shaped and tif.shaped_metadata:
+        declared = tuple(tif.shaped_metadata[0].get("shape", shape))
+        if declared != tuple(shape):
+            raise InputError(
+                path, f"truncated or corrupt TIFF: metadata says shape {declared}, found {shape}"
+            )
+    if tif.is_imagej and tif.imagej_metadata:
+        images = int(tif.imagej_metadata.get("images", 1))
+        if images != int(np.prod(shape[:-2])):
+            raise InputError(path, f"truncated or corrupt TIFF: metadata says {images} images, found {shape}")
+
+
 def open_tiff(path: Path) -> Volume:
     """Open a multi-page TIFF lazily: memory-mapped when uncompressed and contiguous, else page by page."""
     tif = _open_tiff_file(path)
@@ -66,27 +83,32 @@ def open_tiff(path: Path) -> Volume:
         series = tif.series[0]
         shape, dtype = series.shape, series.dtype
         spacing = _spacing_mm(tif)
-    except Exception as exc:  # tifffile raises many types for a damaged file
+        _check_complete(path, tif, shape)
+        require_3d(path, shape)
+    except Exception as exc:
         tif.close()
-        raise InputError(path, f"not a readable TIFF file ({exc})") from exc
-    require_3d(path, shape)
-    end = (series.dataoffset or 0) + int(np.prod(shape)) * dtype.itemsize
-    if series.dataoffset is not None and end <= path.stat().st_size:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(path, f"not a readable TIFF file ({exc})") from exc  # tifffile raises many types
+    if series.dataoffset is not None:
         tif.close()
+        end = series.dataoffset + int(np.prod(shape)) * dtype.itemsize
+        if end > path.stat().st_size:
+            raise InputError(path, f"truncated TIFF: {path.stat().st_size} bytes, the data end at byte {end}")
         mm = np.memmap(path, dtype=dtype, mode="r", offset=series.dataoffset, shape=shape)
-        array = LazyArray(path, shape, dtype, lambda key: np.array(mm[key]))
-    else:
+        return Volume(
+            LazyArray(path, shape, dtype, lambda key: np.array(mm[key])), spacing=spacing or (1, 1, 1)
+        )
 
-        def read(key):
-            zk, yk, xk = key
-            pages = [zk] if isinstance(zk, int) else list(range(*zk.indices(shape[0])))
-            if not pages:
-                return np.empty((0, *shape[1:]), dtype)[:, yk, xk]
-            data = tif.asarray(key=pages, series=0).reshape(len(pages), *shape[1:])[:, yk, xk]
-            return data[0] if isinstance(zk, int) else data
+    def read(key):
+        zk, yk, xk = key
+        pages = [zk] if isinstance(zk, int) else list(range(*zk.indices(shape[0])))
+        if not pages:
+            return np.empty((0, *shape[1:]), dtype)[:, yk, xk]
+        data = tif.asarray(key=pages, series=0).reshape(len(pages), *shape[1:])[:, yk, xk]
+        return data[0] if isinstance(zk, int) else data
 
-        array = LazyArray(path, shape, dtype, read)
-    return Volume(array, spacing=spacing or (1.0, 1.0, 1.0))
+    return Volume(LazyArray(path, shape, dtype, read), spacing=spacing or (1.0, 1.0, 1.0))
 
 
 def _natural_key(path: Path) -> list:
@@ -142,11 +164,13 @@ def _tiff_options(volume: Volume) -> dict:
     if volume.array.dtype in _IMAGEJ_DTYPES and volume.array.nbytes < _BIGTIFF_FROM:
         return {
             "imagej": True,
+            "photometric": "minisblack",
             "resolution": (1 / sx, 1 / sy),
             "metadata": {"axes": "ZYX", "spacing": sz, "unit": "mm"},
         }
     return {
         "ome": True,
+        "photometric": "minisblack",
         "bigtiff": volume.array.nbytes >= _BIGTIFF_FROM,
         "metadata": {
             "axes": "ZYX",

@@ -130,7 +130,7 @@ class LazyArray:
         try:
             with self._lock:
                 data = self._read(key)
-        except (OSError, EOFError, ValueError, zlib.error) as exc:
+        except (OSError, EOFError, ValueError, IndexError, zlib.error) as exc:
             raise InputError(self.path, f"truncated or corrupt file ({exc})") from exc
         return np.ascontiguousarray(data, dtype=self.dtype)
 

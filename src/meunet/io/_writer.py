@@ -71,7 +71,13 @@ class VolumeWriter:
 
     # -- common machinery ---------------------------------------------------------------------------------
     def __enter__(self) -> VolumeWriter:
-        header = {"shape": list(self.shape), "dtype": self.dtype.str, "chunks": self.chunks}
+        g = self.geometry
+        header = {
+            "shape": list(self.shape),
+            "dtype": self.dtype.str,
+            "chunks": self.chunks and list(self.chunks),
+            "geometry": [list(g.spacing), list(g.origin), g.direction.tolist()],
+        }
         if self.resume and (self.partial / PROGRESS).is_file():
             lines = (self.partial / PROGRESS).read_text().splitlines()
             old = json.loads(lines[0])
@@ -79,8 +85,8 @@ class VolumeWriter:
             if old != header:
                 raise InputError(
                     self.path,
-                    f"the partial output of an earlier run has shape {old['shape']}, dtype {old['dtype']}, "
-                    f"chunks {old['chunks']}; remove {self.partial} or run without resuming",
+                    f"the partial output of an earlier run differs in shape, dtype, chunks or geometry "
+                    f"({old}); remove {self.partial} or run without resuming",
                 )
             for line in lines[1:]:
                 if line.strip():
@@ -90,7 +96,7 @@ class VolumeWriter:
         else:
             if self.partial.exists():
                 shutil.rmtree(self.partial)
-            self.partial.mkdir(parents=True)
+            self.partial.mkdir()
             state = self._create()
             (self.partial / PROGRESS).write_text(json.dumps({**header, "state": state}) + "\n")
         self._log = open(self.partial / PROGRESS, "a")  # closed in __exit__
