@@ -87,7 +87,7 @@ _KNOWN = "use .nii, .nii.gz, .tif, .tiff, .zarr, .nrrd, .mha, .mhd, .npy, or a f
 
 
 def open_volume(path: str | PathLike[str], spacing: tuple[float, float, float] | None = None) -> Volume:
-    """Open a volume lazily where the format allows it (Zarr, npy, NIfTI, TIFF); others are read whole.
+    """Open a volume lazily where the format allows it (all but NRRD and DICOM, which are read whole).
 
     Args:
         path: file or folder; the format comes from the suffix (see :func:`volume_format`).
@@ -106,8 +106,10 @@ def open_volume(path: str | PathLike[str], spacing: tuple[float, float, float] |
         from meunet.io._tiff import open_tiff_slices as opener
     elif fmt in ("zarr", "ome-zarr"):
         from meunet.io._zarr import open_zarr as opener
-    elif fmt in ("nrrd", "metaimage"):
+    elif fmt == "nrrd":
         from meunet.io._itk import read_itk as opener
+    elif fmt == "metaimage":
+        from meunet.io._itk import open_metaimage as opener
     elif fmt == "dicom":
         from meunet.io._itk import read_dicom as opener
     else:

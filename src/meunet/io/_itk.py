@@ -1,7 +1,8 @@
 """NRRD, MetaImage (``.mha`` / ``.mhd``) and DICOM series through SimpleITK.
 
-These formats are read whole into memory and written from a whole in-memory volume: SimpleITK gives no
-cheap slab access from Python. Geometry follows ITK (LPS), reversed into (z, y, x) order.
+MetaImage opens lazily: ITK's MetaImage reader streams the requested z range (``SetExtractIndex``). NRRD and
+DICOM are read whole (ITK's NRRD reader would read the whole file for every slab). All three are written from
+a whole in-memory volume. Geometry follows ITK (LPS), reversed into (z, y, x) order.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from meunet.errors import InputError
-from meunet.io._volume import Volume, geometry_from_itk, geometry_to_itk
+from meunet.io._volume import LazyArray, Volume, geometry_from_itk, geometry_to_itk
 from meunet.io._writer import VolumeWriter
 
 
@@ -24,8 +25,46 @@ def _volume_from_image(path: Path, image: sitk.Image) -> Volume:
     return Volume(sitk.GetArrayFromImage(image), **geometry)
 
 
+def open_metaimage(path: Path) -> Volume:
+    """Open a MetaImage lazily: each slab read asks ITK for that z range only."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(path, f"not a readable image ({str(exc).strip().splitlines()[-1]})") from exc
+    size = reader.GetSize()
+    dims = len(size) + (reader.GetNumberOfComponents() > 1)
+    if dims != 3:
+        raise InputError(path, f"not a 3D volume: the image has {dims} dimensions, size {size}")
+
+    def extract(z0: int, z1: int) -> np.ndarray:
+        reader.SetExtractIndex([0, 0, z0])
+        reader.SetExtractSize([size[0], size[1], z1 - z0])
+        try:
+            return sitk.GetArrayFromImage(reader.Execute())
+        except RuntimeError as exc:
+            raise InputError(
+                path, f"truncated or corrupt image ({str(exc).strip().splitlines()[-1]})"
+            ) from exc
+
+    def read(key):
+        zk, yk, xk = key
+        if isinstance(zk, int):
+            return extract(zk, zk + 1)[0, yk, xk]
+        picked = np.arange(size[2])[zk]
+        if not len(picked):
+            return np.empty((0, size[1], size[0]), dtype)[:, yk, xk]
+        lo = int(picked.min())
+        return extract(lo, int(picked.max()) + 1)[picked - lo][:, yk, xk]
+
+    dtype = extract(0, 1).dtype
+    geometry = geometry_from_itk(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+    return Volume(LazyArray(path, size[::-1], dtype, read), **geometry)
+
+
 def read_itk(path: Path) -> Volume:
-    """Read a NRRD or MetaImage file whole (numpy array in memory)."""
+    """Read a NRRD file whole (numpy array in memory)."""
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
