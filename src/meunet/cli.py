@@ -106,7 +106,7 @@ def convert(
         None, "--spacing", metavar="Z Y X", help="Voxel size in mm, replacing the input's own."
     ),
     chunks: tuple[int, int, int] | None = typer.Option(
-        None, "--chunks", metavar="Z Y X", help="Chunk shape of a Zarr output (default 64 64 64)."
+        None, "--chunks", metavar="Z Y X", help="Chunk shape of a Zarr output (default 64 128 128)."
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
 ) -> None:
@@ -154,18 +154,11 @@ def bench_memory(
 
     import torch
 
-    from meunet.bench import format_table, measure_memory, plot_memory
+    from meunet.bench import StepSetting, format_table, measure_memory, plot_memory
 
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device", "CUDA is not available on this machine")
-    records = measure_memory(
-        patch=patch,
-        context_scale=context_scale,
-        batch=batch,
-        widths=width_list,
-        precision=precision,
-        device=device,
-    )
+    records = measure_memory(StepSetting(patch, context_scale, batch, tuple(width_list), precision, device))
     typer.echo(format_table(records))
     if json_file is not None:
         tmp = json_file.with_name(f".{json_file.name}.tmp")

@@ -1,0 +1,83 @@
+"""meunet.bench and ``meunet bench memory``: exact saved-tensor bytes, ordering of the configurations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from meunet.bench import CONFIGS, RECORD_KEYS, StepSetting, count_saved_bytes, measure_memory, measure_step
+
+W = (4, 8, 16, 32, 32)
+
+
+def test_count_saved_bytes_dedups_storages_and_excludes():
+    x = torch.randn(1000, requires_grad=True)
+    weight = torch.randn(1000, requires_grad=True)
+
+    def fn():
+        y = x.exp()  # saves its result y (4000 B)
+        z = y[:10].sin()  # saves a view of y: same storage, not counted again
+        return (z.sum() + (x * x).sum() + (y * weight).sum()).item()  # x (4000 B); y again; weight excluded
+
+    _, saved = count_saved_bytes(fn, exclude=[weight])
+    assert saved == 8000
+    _, saved = count_saved_bytes(fn)
+    assert saved == 12000
+
+
+def test_meta_figures_equal_cpu_figures():
+    meta = measure_step("meunet-stage1", StepSetting(patch=32, batch=2, widths=W, device="meta"))
+    cpu = measure_step("meunet-stage1", StepSetting(patch=32, batch=2, widths=W, device="cpu"))
+    assert meta["activation_bytes"] == cpu["activation_bytes"]
+    assert meta["params"] == cpu["params"]
+    assert meta["step_seconds"] is None and cpu["step_seconds"] > 0
+
+
+def test_memory_ordering_at_small_size():
+    records = {r["config"]: r for r in measure_memory(StepSetting(patch=32, batch=2, widths=W))}
+    act = {k: r["activation_bytes"] for k, r in records.items()}
+    assert act["meunet-stage1"] < act["unet-fov"]
+    assert act["unet-local-ckpt"] < act["unet-local"] < act["unet-fov"]
+    assert act["unet-fov-ckpt"] < act["unet-fov"]
+    # meU-net = checkpointed local path + context path without its top level
+    assert act["unet-local-ckpt"] < act["meunet-stage1"] < act["unet-local-ckpt"] + act["unet-fov-ckpt"]
+    assert records["meunet-stage1"]["context"] == 48
+
+
+def test_cpu_peak_from_subprocesses():
+    # large enough for the step to outweigh the import-time RSS peak that both subprocesses share
+    (record,) = measure_memory(StepSetting(patch=64, batch=2, widths=W, device="cpu"), ["unet-local"])
+    assert set(record) == set(RECORD_KEYS)
+    # the step keeps at least its saved tensors alive at once
+    assert record["peak_bytes"] >= record["activation_bytes"] > 0
+    assert record["step_seconds"] > 0
+
+
+def test_cli_bench_memory_json(cli, tmp_path):
+    out, png = tmp_path / "memory.json", tmp_path / "memory.png"
+    args = ["bench", "memory", "--patch", "32", "--widths", "4,8,16,32,32", "--batch", "2"]
+    result = cli(*args, "--json", out, "--plot", png)
+    assert result.exit_code == 0, result.stderr
+    assert "meunet-stage1 / unet-fov activation bytes" in result.stdout
+    records = json.loads(out.read_text())
+    assert [r["config"] for r in records] == list(CONFIGS)
+    for r in records:
+        assert list(r) == list(RECORD_KEYS)
+        assert (r["patch"], r["context"], r["batch"], r["device"]) == (32, 48, 2, "meta")
+        assert r["peak_bytes"] is None and r["step_seconds"] is None
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+    again = cli(*args, "--json", out)
+    assert again.exit_code == 2
+    assert again.stderr.strip() == f"error: {out}: exists (use --force to overwrite)"
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--widths", "4,8,16"), ("--device", "gpu"), ("--precision", "fp8")]
+)
+def test_cli_bench_memory_rejects_bad_options(cli, option, value):
+    result = cli("bench", "memory", "--patch", "16", option, value)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {option}: ")
