@@ -150,7 +150,7 @@ def create_writer(
         shape: (Z, Y, X) of the whole output.
         dtype: output dtype; each slab must cast to it safely.
         like: volume whose spacing, origin and direction the output takes (default: 1 mm, identity).
-        chunks: (z, y, x) chunk shape for Zarr (default 64^3); ignored by other formats.
+        chunks: (z, y, x) chunk shape for Zarr (default 64, 128, 128); ignored by other formats.
         force: overwrite an existing output.
         resume: continue a partial output left by an earlier run (Zarr, NIfTI, npy, TIFF, slice folder);
             ``writer.is_written(z0, z1)`` then tells which slabs are already there.

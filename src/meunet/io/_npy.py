@@ -1,4 +1,4 @@
-"""NumPy ``.npy``: memory-mapped reads, raw streaming writes. The format holds no geometry (spacing 1 mm)."""
+"""NumPy ``.npy``: slab reads with ``pread``, raw streaming writes. No geometry in the format (spacing 1)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 
 from meunet.errors import InputError
-from meunet.io._volume import LazyArray, Volume, require_3d
+from meunet.io._volume import LazyArray, Volume, raw_reader, require_3d
 from meunet.io._writer import RawWriter
 
 
 def open_npy(path: Path) -> Volume:
-    """Open a ``.npy`` file lazily (memory-mapped); slicing copies only the selected voxels."""
+    """Open a ``.npy`` file lazily; slicing reads only the selected rows from the file."""
     try:
         mm = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -20,7 +20,9 @@ def open_npy(path: Path) -> Volume:
     require_3d(path, mm.shape)
     if mm.dtype.hasobject or mm.dtype.fields is not None:
         raise InputError(path, f"unsupported .npy dtype {mm.dtype}")
-    return Volume(LazyArray(path, mm.shape, mm.dtype, lambda key: np.array(mm[key])))
+    if mm.dtype.byteorder not in "=|" or not mm.flags.c_contiguous:  # big-endian or Fortran order: memmap
+        return Volume(LazyArray(path, mm.shape, mm.dtype.newbyteorder("="), lambda key: np.array(mm[key])))
+    return Volume(LazyArray(path, mm.shape, mm.dtype, raw_reader(path, mm.offset, mm.shape, mm.dtype)))
 
 
 class NpyWriter(RawWriter):

@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 
 from meunet.errors import InputError
-from meunet.io._volume import MM_PER_UNIT, LazyArray, Volume, require_3d
+from meunet.io._volume import MM_PER_UNIT, LazyArray, Volume, raw_reader, require_3d
 from meunet.io._writer import RawWriter, VolumeWriter
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -77,7 +77,8 @@ def _check_complete(path: Path, tif: tifffile.TiffFile, shape: tuple[int, ...]) 
 
 
 def open_tiff(path: Path) -> Volume:
-    """Open a multi-page TIFF lazily: memory-mapped when uncompressed and contiguous, else page by page."""
+    """Open a multi-page TIFF lazily: rows read straight from the file when uncompressed and contiguous,
+    else page by page through tifffile."""
     tif = _open_tiff_file(path)
     try:
         series = tif.series[0]
@@ -95,10 +96,12 @@ def open_tiff(path: Path) -> Volume:
         end = series.dataoffset + int(np.prod(shape)) * dtype.itemsize
         if end > path.stat().st_size:
             raise InputError(path, f"truncated TIFF: {path.stat().st_size} bytes, the data end at byte {end}")
-        mm = np.memmap(path, dtype=dtype, mode="r", offset=series.dataoffset, shape=shape)
-        return Volume(
-            LazyArray(path, shape, dtype, lambda key: np.array(mm[key])), spacing=spacing or (1, 1, 1)
-        )
+        if dtype.byteorder not in "=|":  # big-endian TIFF: let numpy swap through a memory map
+            mm = np.memmap(path, dtype=dtype, mode="r", offset=series.dataoffset, shape=shape)
+            array = LazyArray(path, shape, dtype.newbyteorder("="), lambda key: np.array(mm[key]))
+        else:
+            array = LazyArray(path, shape, dtype, raw_reader(path, series.dataoffset, shape, dtype))
+        return Volume(array, spacing=spacing or (1.0, 1.0, 1.0))
 
     def read(key):
         zk, yk, xk = key

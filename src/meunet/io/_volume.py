@@ -9,6 +9,7 @@ ITK image with identity direction has identity direction here too.
 
 from __future__ import annotations
 
+import os
 import threading
 import zlib
 from collections.abc import Callable
@@ -140,6 +141,45 @@ class LazyArray:
 
     def __repr__(self) -> str:
         return f"LazyArray({self.path!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+def raw_reader(path: str | PathLike[str], offset: int, shape, dtype) -> Callable[[Key], np.ndarray]:
+    """Slab reader for voxels stored as one C-order (Z, Y, X) block at byte ``offset`` (npy, TIFF).
+
+    Reads with ``pread`` only the rows asked for (whole rows of x), so neither memory nor resident set grow
+    with the file as they would through a memory map.
+    """
+    shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+    row_bytes = shape[2] * dtype.itemsize
+    slice_bytes = shape[1] * row_bytes
+
+    def read(key: Key) -> np.ndarray:
+        zs, ys = np.arange(shape[0])[key[0]], np.arange(shape[1])[key[1]]  # scalar or 1D each
+        zl, yl = np.atleast_1d(zs), np.atleast_1d(ys)
+        if not zl.size or not yl.size:
+            return np.array(np.broadcast_to(np.zeros((), dtype), shape)[key])
+        y0, y1 = int(yl.min()), int(yl.max()) + 1
+        block = np.empty((zl.size, y1 - y0, shape[2]), dtype)
+        with open(path, "rb", buffering=0) as f:
+            if y1 - y0 == shape[1] and np.all(np.diff(zl) == 1):  # consecutive whole slices: one read
+                _pread_into(f, block, offset + int(zl[0]) * slice_bytes)
+            else:
+                for i, z in enumerate(zl):
+                    _pread_into(f, block[i], offset + int(z) * slice_bytes + y0 * row_bytes)
+        rows = 0 if np.ndim(ys) == 0 else slice(None) if np.all(np.diff(yl) == 1) else yl - y0
+        out = block[:, rows, key[2]]  # no copy unless rows are picked with a step or backwards
+        return out[0] if np.ndim(zs) == 0 else out
+
+    return read
+
+
+def _pread_into(f, out: np.ndarray, at: int) -> None:
+    view, done = memoryview(out).cast("B"), 0
+    while done < len(view):
+        n = os.preadv(f.fileno(), [view[done:]], at + done)
+        if n == 0:
+            raise EOFError(f"file ends at byte {at + done}, voxel data go on to byte {at + len(view)}")
+        done += n
 
 
 # ITK images list vectors in (x, y, z) order; ours are (z, y, x): reverse vectors, and reverse both the rows
