@@ -1,0 +1,366 @@
+"""Prediction of whole volumes from a model directory: single stage or cascade, streamed to disk.
+
+:func:`predict` is the ``meunet predict`` command as a function. Host memory is that of the engine
+(:mod:`meunet.infer.window`) plus one output chunk: labels are written slab by slab through
+:func:`meunet.io.create_writer`, class probabilities through :class:`ProbabilityWriter`, and a cascade's
+stage-1 output goes to a temporary float16 Zarr beside the output instead of RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import zarr
+
+from meunet.data.normalization import Normalization
+from meunet.errors import InputError
+from meunet.infer.window import Input, SlidingWindow, WindowCounts, labels_from_scores
+from meunet.io import Volume, VolumeWriter, create_writer, open_volume
+
+SKIP_MARGIN = 10.0  # a skipped window's logits: 0 for background, -SKIP_MARGIN for the others
+ACTIVATION_FACTOR = 9  # inference activations ~ this x top width x window voxels x 4 bytes (measured, CPU)
+
+
+class ProbabilityWriter(VolumeWriter):
+    """Float16 per-class maps (C, Z, Y, X) in one Zarr v3 array, chunks (C, 64, 64, 64), slabs
+    (C, dz, Y, X); temporary name, rename and resume as :func:`meunet.io.create_writer`'s writers.
+
+    Args:
+        path: output ``.zarr`` folder.
+        shape: (Z, Y, X).
+        channels: C.
+        force: overwrite an existing output.
+        resume: continue a partial output of an earlier run.
+    """
+
+    resumable = True
+
+    def __init__(self, path, shape: Sequence[int], channels: int, force: bool = False, resume: bool = False):
+        path = Path(path)
+        if path.exists() and not force:
+            raise InputError(path, "output exists; use --force to overwrite it")
+        if not path.name.endswith(".zarr"):
+            raise InputError(path, "probabilities are written as Zarr: give a name ending in .zarr")
+        geometry = Volume(np.broadcast_to(np.zeros((), np.float16), tuple(shape)))
+        super().__init__(path, geometry, tuple(min(64, n) for n in shape), resume)
+        self.channels = channels
+        self.z_chunk = self.chunks[0]
+
+    def _create(self) -> dict:
+        self.array = zarr.create_array(
+            self.target,
+            shape=(self.channels, *self.shape),
+            chunks=(self.channels, *self.chunks),
+            dtype=np.float16,
+            zarr_format=3,
+            dimension_names=("c", "z", "y", "x"),
+        )
+        return {"channels": self.channels}
+
+    def _reopen(self, state: dict) -> None:
+        if state.get("channels") != self.channels:
+            raise InputError(
+                self.path, f"the partial output has {state.get('channels')} channels, not {self.channels}"
+            )
+        self.array = zarr.open_array(self.target, mode="r+")
+
+    def write(self, z0: int, slab: np.ndarray) -> None:
+        """Write ``slab`` (C, dz, Y, X) at slices ``z0 : z0 + dz``."""
+        if slab.ndim != 4 or slab.shape[0] != self.channels or slab.shape[2:] != self.shape[1:]:
+            raise ValueError(f"slab of shape {slab.shape} does not fit ({self.channels}, *{self.shape})")
+        self.array[:, z0 : z0 + slab.shape[1]] = slab.astype(np.float16, copy=False)
+        self._done[z0 : z0 + slab.shape[1]] = True
+        self._log.write(f"[{z0}, {z0 + slab.shape[1]}]\n")
+        self._log.flush()
+
+
+def predict(
+    model_dir: str | os.PathLike[str],
+    input: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    window: Sequence[int] | None = None,
+    batch: int = 1,
+    device: str = "cpu",
+    precision: str = "fp32",
+    skip_empty: bool = False,
+    air_threshold: float | None = None,
+    tta: bool = False,
+    probabilities: str | os.PathLike[str] | None = None,
+    stats_json: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    force: bool = False,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Segment a volume with a trained model directory and write uint8 labels in the input's geometry.
+
+    Args:
+        model_dir: directory written by training (``model.json``, ``stage1.pt``, optional ``stage2.pt``).
+        input: image volume, any format :func:`meunet.io.open_volume` reads (read lazily, slab by slab).
+        output: label volume to write (format from the suffix); written under a temporary name and renamed.
+        overlap, blend, batch, device, precision, tta: see :class:`SlidingWindow`.
+        window: (z, y, x) window; default ``model.json``'s ``window``.
+        skip_empty: skip windows whose raw intensities all lie below ``air_threshold`` (default: one third
+            of the way from the normalisation's ``clip_low`` to ``clip_high``); a skipped window counts as
+            certain background (logits 0 for background, -10 for the other classes).
+        probabilities: also write float16 class probabilities (C, Z, Y, X) to this ``.zarr``.
+        stats_json: write ``voxels, seconds, voxels_per_second, peak_rss_bytes, windows, windows_skipped``.
+        progress: print the memory estimate and show progress bars.
+        force: overwrite existing outputs, and run even if the memory estimate exceeds available memory.
+        resume: continue the partial output of an interrupted run with the same model and settings
+            (formats the writers can resume, e.g. Zarr); the labels equal those of an uninterrupted run.
+
+    Returns:
+        the statistics (also written to ``stats_json``), plus ``estimated_peak_bytes``.
+
+    Raises:
+        InputError: missing or corrupt model directory, unreadable input, input channels not matching the
+            model, existing output without ``force``, or an estimate above available memory.
+    """
+    from meunet.models import load_model_dir
+
+    start = time.perf_counter()
+    output = Path(output)
+    for path in (output, probabilities, stats_json):
+        if path is not None and Path(path).exists() and not force:
+            raise InputError(path, "output exists; use --force to overwrite it")
+    bundle = load_model_dir(model_dir, device)
+    volume = open_volume(input)
+    if bundle.meta["in_channels"] != 1:
+        raise InputError(
+            input, f"the model expects {bundle.meta['in_channels']} input channels, the image has 1"
+        )
+    try:
+        engine = SlidingWindow(
+            tuple(window or bundle.meta["window"]), overlap, blend, batch, device, precision, tta
+        )
+    except ValueError as exc:
+        raise InputError(model_dir, f"bad prediction settings: {exc}") from None
+    estimate = estimate_peak_bytes(bundle, engine, volume, probabilities is not None)
+    _check_memory(
+        input, estimate, force, progress, f"{tuple(volume.array.shape)} voxels, window {engine.window}"
+    )
+    normalization = Normalization.from_dict(bundle.meta["normalization"])
+    image = Input(volume.array, normalization.apply)
+    n_classes = len(bundle.classes)
+    skip = _skip_settings(normalization, n_classes, air_threshold) if skip_empty else {}
+    shape = tuple(volume.array.shape)
+    counts = WindowCounts()
+    with ExitStack() as stack:
+        writers = [
+            stack.enter_context(create_writer(output, shape, np.uint8, volume, force=force, resume=resume))
+        ]
+        if probabilities is not None:
+            writer = ProbabilityWriter(probabilities, shape, n_classes, force=force, resume=resume)
+            writers.append(stack.enter_context(writer))
+        align = math.lcm(*(w.z_chunk for w in writers))
+        start_z = _written_prefix(writers, align)
+        inputs = [image]
+        if bundle.stage2 is not None and start_z < shape[0]:
+            scratch = (
+                output.parent / f".{output.name}.stage1.zarr"
+            )  # fixed name: a rerun clears a killed run's
+            stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+            inputs.append(
+                _stage1_input(bundle.stage2, image, scratch, engine, start_z, counts, progress, skip)
+            )
+        scores = engine.stream(
+            bundle.net, inputs, n_classes, start_z=start_z, counts=counts, progress=progress, **skip
+        )
+        for z0, slabs in _aligned(_outputs(engine, scores, probabilities is not None), align, shape[0]):
+            for writer, slab in zip(writers, slabs, strict=True):
+                writer.write(z0, slab)
+    seconds = time.perf_counter() - start
+    voxels = math.prod(shape)
+    stats = {
+        "voxels": voxels,
+        "seconds": seconds,
+        "voxels_per_second": voxels / seconds,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "windows": counts.windows,
+        "windows_skipped": counts.skipped,
+        "estimated_peak_bytes": estimate,
+    }
+    if stats_json is not None:
+        _write_json(Path(stats_json), stats)
+    return stats
+
+
+def _check_memory(input, estimate: int, force: bool, progress: bool, what: str) -> None:
+    """Print the estimate (when ``progress``); InputError if it exceeds available memory, unless ``force``."""
+    available = psutil.virtual_memory().available
+    if progress:
+        print(
+            f"meunet predict: {what}: estimated peak memory {estimate / 2**30:.2f} GiB "
+            f"({available / 2**30:.2f} GiB available)",
+            file=sys.stderr,
+        )
+    if estimate > available and not force:
+        raise InputError(
+            input,
+            f"prediction needs about {estimate / 2**30:.2f} GiB, only {available / 2**30:.2f} GiB available "
+            "(smaller --window or --batch, or --force to try anyway)",
+        )
+
+
+def _skip_settings(normalization: Normalization, n_classes: int, air_threshold: float | None) -> dict:
+    """:meth:`SlidingWindow.stream` arguments that skip air windows: the threshold (default one third of the
+    way from ``clip_low`` to ``clip_high``) and background-certain logits."""
+    low, high = normalization.clip_low, normalization.clip_high
+    threshold = low + (high - low) / 3 if air_threshold is None else air_threshold
+    return {"skip_below": threshold, "skip_logits": [0.0] + [-SKIP_MARGIN] * (n_classes - 1)}
+
+
+def _stage1_input(
+    cascade, image: Input, scratch: Path, engine, start_z: int, counts, progress, skip
+) -> Input:
+    """Stage 1 over the rows that stage 2 still needs (from the first window reaching past ``start_z``),
+    written to ``scratch``; returned as stage 2's second input, padded as training pads it."""
+    first_row = min(z for z in engine.grid(image.array.shape)[0] if z + engine.window[0] > start_z)
+    probs = cascade.stage1_output == "probs"
+    stage1 = predict_stage1(
+        cascade, image, scratch, engine, start_z=first_row, counts=counts, progress=progress, force=True,
+        **(skip if probs else {}),
+    )  # fmt: skip
+    fill = (1.0,) + (0.0,) * (cascade.stage1_channels - 1) if probs else (0.0,)  # certain background
+    return Input(stage1, fill=fill)
+
+
+def predict_stage1(
+    cascade,
+    image: Input,
+    output: str | os.PathLike[str],
+    engine: SlidingWindow,
+    *,
+    start_z: int = 0,
+    counts: WindowCounts | None = None,
+    progress: bool = False,
+    force: bool = False,
+    skip_below: float | None = None,
+    skip_logits: Sequence[float] | None = None,
+) -> zarr.Array:
+    """Stage-1 output of a whole volume, as the cascade's stage 2 consumes it, to a float16 Zarr.
+
+    Used for cascade prediction and for caching stage-1 output of training volumes. With
+    ``cascade.stage1_output == "probs"`` the blended stage-1 logits are turned into softmax probabilities;
+    with ``"features"`` the blended last-decoder features are stored as they are.
+
+    Args:
+        cascade: a :class:`meunet.models.Cascade` (its ``stage1`` and ``stage1_output`` are used), eval mode.
+        image: the normalised image input, e.g. ``Input(volume.array, normalization.apply)``.
+        output: ``.zarr`` path of the (stage1_channels, Z, Y, X) float16 array.
+        engine: window settings.
+        start_z: compute only z >= start_z (the rest of the array stays zero).
+        counts, progress, skip_below, skip_logits: passed to :meth:`SlidingWindow.stream`.
+        force: overwrite an existing ``output``.
+
+    Returns:
+        the written array, opened read-only.
+    """
+    probs = cascade.stage1_output == "probs"
+    net = cascade.stage1 if probs else cascade.stage1.features
+    shape = tuple(image.array.shape[-3:])
+    channels = cascade.stage1_channels
+    stream = engine.stream(
+        net, [image], channels, start_z=start_z, counts=counts, progress=progress,
+        skip_below=skip_below, skip_logits=skip_logits,
+    )  # fmt: skip
+    with ProbabilityWriter(output, shape, channels, force=force) as writer:
+        slabs = ((z0, (engine.probabilities_(s) if probs else s,)) for z0, s in stream)
+        for z0, (slab,) in _aligned(
+            ((z0, (s.astype(np.float16),)) for z0, (s,) in slabs), writer.z_chunk, shape[0]
+        ):
+            writer.write(z0, slab)
+    return zarr.open_array(output, mode="r")
+
+
+def estimate_peak_bytes(bundle, engine: SlidingWindow, volume: Volume, probabilities: bool) -> int:
+    """Estimated peak resident memory of :func:`predict`, in bytes.
+
+    The sum of: this process's resident memory now (interpreter, torch, model weights); the engine's
+    accumulators (classes + 1 float32 maps of ``window_z x Y x X``) and raw input slabs (image, plus stage-1
+    float16 output for a cascade); one batch of windows in and out; network activations (about
+    ``ACTIVATION_FACTOR`` float32 maps of the top level's width per window voxel, measured on CPU); and the
+    output slabs (uint8 labels, float32 scores, float16 probabilities) of one window depth plus one chunk.
+    """
+    wz, wy, wx = engine.window
+    y, x = (max(s, w) for s, w in zip(volume.array.shape[1:], engine.window[1:], strict=True))
+    n_classes = len(bundle.classes)
+    plane = y * x
+    stage1_channels = 0 if bundle.stage2 is None else bundle.stage2.stage1_channels
+    widths = [bundle.meta["stage1"]["widths"][0]]
+    if bundle.stage2 is not None:
+        widths.append(bundle.meta["stage2"]["widths"][0] + stage1_channels)
+    padded = math.prod(-(-w // 16) * 16 for w in engine.window)
+    window_voxels = wz * wy * wx
+    accumulators = (max(n_classes, stage1_channels) + 1) * wz * plane * 4
+    input_slabs = wz * plane * (np.dtype(volume.array.dtype).itemsize + 2 * stage1_channels)
+    batch = engine.batch * window_voxels * 4 * (1 + stage1_channels + 3 * n_classes)
+    activations = engine.batch * padded * 4 * ACTIVATION_FACTOR * max(widths)
+    out_depth = wz + 64
+    outputs = out_depth * plane * (1 + (2 * n_classes + 8 if probabilities or stage1_channels else 0))
+    now = psutil.Process().memory_info().rss
+    return int(now + accumulators + input_slabs + batch + activations + outputs)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _outputs(engine: SlidingWindow, scores: Iterable, probabilities: bool) -> Iterator[tuple[int, tuple]]:
+    """Labels (uint8 (dz, Y, X)) and, when asked, float16 probabilities (C, dz, Y, X) of each slab."""
+    for z0, slab in scores:
+        labels = labels_from_scores(slab)
+        if probabilities:
+            yield z0, (labels, engine.probabilities_(slab).astype(np.float16))
+        else:
+            yield z0, (labels,)
+
+
+def _aligned(slabs: Iterable[tuple[int, tuple]], align: int, end: int) -> Iterator[tuple[int, tuple]]:
+    """Regroup consecutive slabs (tuples of arrays, z on axis -3) into pieces that start and end on multiples
+    of ``align`` (or at ``end``), so that each write fills whole Zarr chunks."""
+    pending: list[tuple] = []
+    start = None
+    for z0, arrays in slabs:
+        start = z0 if start is None else start
+        pending.append(arrays)
+        z1 = z0 + arrays[0].shape[-3]
+        cut = z1 if z1 == end else z1 // align * align
+        if cut > start:
+            joined = [np.concatenate([p[k] for p in pending], axis=-3) for k in range(len(arrays))]
+            yield start, tuple(j[..., : cut - start, :, :] for j in joined)
+            rest = tuple(j[..., cut - start :, :, :] for j in joined)
+            pending = [rest] if rest[0].shape[-3] else []
+            start = cut
+
+
+def _written_prefix(writers: Sequence[VolumeWriter], align: int) -> int:
+    """First z (a multiple of ``align``) from which some writer still lacks slices (0 for a fresh run)."""
+    depth = writers[0].shape[0]
+    z = 0
+    while z < depth and all(w.is_written(z, min(z + align, depth)) for w in writers):
+        z += align
+    return min(z, depth)
+
+
+def _write_json(path: Path, values: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(values, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,193 @@
+"""``meunet.infer.predict`` end to end on tiny model directories: wiring, cascade, resume, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from meunet.data.normalization import Normalization
+from meunet.errors import InputError
+from meunet.infer import Input, SlidingWindow, predict
+from meunet.io import Volume, open_volume, read_volume, write_volume
+from meunet.models import Cascade, MeUNet, UNet3D, load_model_dir, save_model_dir
+
+WIDTHS = [4, 8, 8, 8, 8]
+NORM = Normalization(clip_low=0.0, clip_high=200.0, mean=60.0, std=40.0)
+
+
+def _model_dir(path: Path, cascade: str | None = None, in_channels: int = 1) -> Path:
+    torch.manual_seed(5)  # a seed whose random net predicts more than one class on _image
+    stage1 = MeUNet(in_channels, 3, widths=WIDTHS, norm="batch")
+    stage2 = None
+    if cascade is not None:
+        stage2 = Cascade(stage1, UNet3D(in_channels, 3, widths=WIDTHS, norm="batch"), cascade, "probs")
+    with torch.no_grad():  # untrained heads are dominated by their bias; sharpen them
+        for net in (stage1, stage2.stage2) if stage2 else (stage1,):
+            net.head.bias.zero_()
+            net.head.weight.mul_(10)
+    meta = {
+        "classes": ["background", "gut", "crop"],
+        "normalization": NORM.to_dict(),
+        "window": [16, 16, 16],
+        "spacing": [1.0, 1.0, 1.0],
+    }
+    return save_model_dir(path, meta, stage1, stage2)
+
+
+def _image(path: Path, shape=(40, 20, 24), seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 30, shape, dtype=np.uint8)
+    array[10:30, 5:15, 6:20] += 120  # a bright object in air
+    write_volume(path, Volume(array, spacing=(0.5, 0.25, 0.25)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {"single": _model_dir(root / "single"), "post": _model_dir(root / "post", cascade="post")}
+
+
+def test_predict_single_stage_matches_engine(models, tmp_path):
+    image = _image(tmp_path / "image.nii.gz")
+    stats = predict(
+        models["single"],
+        image,
+        tmp_path / "labels.nii.gz",
+        stats_json=tmp_path / "stats.json",
+        progress=False,
+    )
+    out = read_volume(tmp_path / "labels.nii.gz")
+    assert out.array.dtype == np.uint8 and out.array.shape == (40, 20, 24)
+    assert out.spacing == (0.5, 0.25, 0.25)
+    bundle = load_model_dir(models["single"])
+    expected = SlidingWindow((16, 16, 16)).labels(
+        bundle.net, [Input(read_volume(image).array, NORM.apply)], 3
+    )
+    np.testing.assert_array_equal(out.array, expected)
+    assert len(np.unique(expected)) > 1  # the random net does not predict one class everywhere
+    written = json.loads((tmp_path / "stats.json").read_text())
+    assert written["windows"] == 4 * 2 * 2 == stats["windows"] and written["windows_skipped"] == 0
+    assert written["voxels"] == 40 * 20 * 24 and written["peak_rss_bytes"] > 0
+    assert written["voxels_per_second"] == pytest.approx(written["voxels"] / written["seconds"])
+
+
+@pytest.fixture(scope="module")
+def cascade_run(models, tmp_path_factory) -> dict[str, Path]:
+    """One uninterrupted cascade prediction to Zarr, with probabilities (two chunks of 64 slices deep)."""
+    root = tmp_path_factory.mktemp("cascade")
+    paths = {"image": _image(root / "image.npy", shape=(80, 16, 16)), "labels": root / "labels.zarr"}
+    paths["probs"] = root / "probs.zarr"
+    predict(models["post"], paths["image"], paths["labels"], probabilities=paths["probs"], progress=False)
+    return paths
+
+
+def test_predict_cascade_and_probabilities(models, cascade_run):
+    assert [
+        p.name for p in cascade_run["labels"].parent.iterdir() if p.name.startswith(".")
+    ] == []  # no scratch
+    bundle = load_model_dir(models["post"])
+    engine = SlidingWindow((16, 16, 16))
+    image_input = Input(np.load(cascade_run["image"]), NORM.apply)
+    stage1 = np.concatenate(
+        [
+            engine.probabilities_(s).astype(np.float16)
+            for _, s in engine.stream(bundle.stage1, [image_input], 3)
+        ],
+        axis=1,
+    )
+    inputs = [image_input, Input(stage1)]
+    expected = engine.labels(bundle.net, inputs, 3)
+    np.testing.assert_array_equal(open_volume(cascade_run["labels"]).array[...], expected)
+    probs = zarr.open_array(cascade_run["probs"], mode="r")
+    assert probs.shape == (3, 80, 16, 16) and probs.dtype == np.float16
+    expected_probs = [
+        engine.probabilities_(s).astype(np.float16) for _, s in engine.stream(bundle.net, inputs, 3)
+    ]
+    np.testing.assert_array_equal(probs[...], np.concatenate(expected_probs, axis=1))
+    np.testing.assert_allclose(probs[...].astype(np.float32).sum(0), 1, atol=3e-3)
+
+
+def test_skip_empty_counts_air_windows(models, tmp_path):
+    image = tmp_path / "air.npy"
+    array = np.full((48, 16, 16), 5, np.uint8)
+    array[:8, 4:12, 4:12] = 150
+    np.save(image, array)
+    stats = predict(models["single"], image, tmp_path / "l.npy", skip_empty=True, progress=False)
+    assert stats["windows"] == 5 and stats["windows_skipped"] == 4  # z starts 0, 8, ..., 32; only 0 sees it
+    labels = np.load(tmp_path / "l.npy")
+    assert (labels[24:] == 0).all()
+
+
+def test_bad_inputs_are_input_errors(models, tmp_path):
+    image = _image(tmp_path / "image.npy")
+    with pytest.raises(InputError, match="model directory not found"):
+        predict(tmp_path / "nowhere", image, tmp_path / "a.npy", progress=False)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.json").write_text("{not json")
+    with pytest.raises(InputError, match="unreadable"):
+        predict(broken, image, tmp_path / "a.npy", progress=False)
+    two = _model_dir(tmp_path / "two", in_channels=2)
+    with pytest.raises(InputError, match="2 input channels"):
+        predict(two, image, tmp_path / "a.npy", progress=False)
+    (tmp_path / "exists.npy").write_bytes(b"x")
+    with pytest.raises(InputError, match="exists"):
+        predict(models["single"], image, tmp_path / "exists.npy", progress=False)
+    assert not (tmp_path / "a.npy").exists()
+
+
+def test_memory_estimate_above_available_stops(models, tmp_path, monkeypatch):
+    class Tiny:
+        available = 1000
+
+    monkeypatch.setattr("psutil.virtual_memory", lambda: Tiny)
+    image = _image(tmp_path / "image.npy")
+    with pytest.raises(InputError, match=r"needs about \d+\.\d+ GiB"):
+        predict(models["single"], image, tmp_path / "a.zarr", progress=False)
+    assert not (tmp_path / "a.zarr").exists()
+    predict(models["single"], image, tmp_path / "a.zarr", progress=False, force=True)
+    assert (tmp_path / "a.zarr").is_dir()
+
+
+KILLER = """
+import os, signal, sys
+from meunet.io._zarr import ZarrWriter
+from meunet.infer import predict
+
+original, count = ZarrWriter.write, [0]
+
+def write_then_die(self, z0, slab):
+    original(self, z0, slab)
+    count[0] += 1
+    if count[0] == int(os.environ["KILL_AFTER"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ZarrWriter.write = write_then_die
+predict(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+"""
+
+
+def test_killed_zarr_prediction_resumes_to_same_labels(models, cascade_run, tmp_path):
+    output = tmp_path / "out.zarr"
+    script = tmp_path / "killer.py"
+    script.write_text(textwrap.dedent(KILLER))
+    env = {**os.environ, "KILL_AFTER": "1"}  # chunks of 64 slices: the first of two writes lands, then death
+    args = [sys.executable, script, models["post"], cascade_run["image"], output]
+    assert subprocess.run(args, env=env, check=False).returncode == -9
+    assert not output.exists() and (tmp_path / ".out.zarr.partial").is_dir()
+    stats = predict(models["post"], cascade_run["image"], output, progress=False, resume=True)
+    assert (
+        stats["windows"] == 2 + 3
+    )  # rows reaching past z = 64 (starts 56, 64), stage 1 past 56 (48, 56, 64)
+    np.testing.assert_array_equal(
+        open_volume(output).array[...], open_volume(cascade_run["labels"]).array[...]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killer.py", "out.zarr"]  # no scratch left behind
