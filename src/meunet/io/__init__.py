@@ -148,7 +148,7 @@ def create_writer(
     Args:
         path: output; the format comes from the suffix; a path without suffix is a folder of TIFF slices.
         shape: (Z, Y, X) of the whole output.
-        dtype: output dtype; each slab must cast to it safely.
+        dtype: output dtype (bool is written as uint8); each slab must cast to it safely.
         like: volume whose spacing, origin and direction the output takes (default: 1 mm, identity).
         chunks: (z, y, x) chunk shape for Zarr (default 64, 128, 128); ignored by other formats.
         force: overwrite an existing output.
@@ -170,7 +170,7 @@ def create_writer(
         raise InputError(path, f"cannot write a volume of shape {tuple(shape)}: need (Z, Y, X) >= 1")
     if chunks is not None and (len(chunks) != 3 or min(chunks) < 1):
         raise InputError(path, f"chunks need three positive values (z, y, x), got {chunks}")
-    dtype = np.dtype(dtype).newbyteorder("=")
+    dtype = np.dtype(np.uint8 if np.dtype(dtype) == bool else dtype).newbyteorder("=")
     geo = like or Volume(np.empty((0, 0, 0)))
     geometry = Volume(
         np.broadcast_to(np.zeros((), dtype), tuple(shape)), geo.spacing, geo.origin, geo.direction

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from meunet.errors import InputError
 from meunet.io._volume import LazyArray, Volume, geometry_from_itk, geometry_to_itk
-from meunet.io._writer import VolumeWriter
+from meunet.io._writer import VolumeWriter, holds_all_but_float16
 
 
 def _volume_from_image(path: Path, image: sitk.Image) -> Volume:
@@ -95,6 +95,8 @@ def read_dicom(folder: Path) -> Volume:
 
 class ItkWriter(VolumeWriter):
     """NRRD / MetaImage writer: slabs fill an in-memory volume, SimpleITK writes it at the end."""
+
+    _holds = staticmethod(holds_all_but_float16)
 
     def _create(self) -> dict:
         self._buffer = np.zeros(self.shape, self.dtype)

@@ -22,7 +22,7 @@ from meunet.io._volume import (
     geometry_from_affine,
     require_3d,
 )
-from meunet.io._writer import RawWriter
+from meunet.io._writer import RawWriter, holds_all_but_float16
 
 _HEADER_BYTES = 352  # NIfTI-1 single-file header (348) and the 4-byte extension flag
 
@@ -68,6 +68,8 @@ def open_nifti(path: Path) -> Volume:
 
 class NiftiWriter(RawWriter):
     """NIfTI-1 writer: header, then raw voxels with ``pwrite``; ``.nii.gz`` is compressed at the end."""
+
+    _holds = staticmethod(holds_all_but_float16)
 
     @property
     def _raw_path(self) -> Path:

@@ -19,7 +19,7 @@ import tifffile
 
 from meunet.errors import InputError
 from meunet.io._volume import MM_PER_UNIT, LazyArray, Volume, raw_reader, require_3d
-from meunet.io._writer import RawWriter, VolumeWriter
+from meunet.io._writer import RawWriter, VolumeWriter, holds_all_but_float16
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 _IMAGEJ_DTYPES = {np.dtype(t) for t in ("uint8", "uint16", "int16", "float32")}
@@ -186,6 +186,8 @@ def _tiff_options(volume: Volume) -> dict:
 class TiffWriter(RawWriter):
     """Multi-page TIFF writer: tifffile lays out an empty contiguous file, slabs are then written in place."""
 
+    _holds = staticmethod(holds_all_but_float16)
+
     def _header(self) -> int:
         tifffile.imwrite(self.target, shape=self.shape, dtype=self.dtype, **_tiff_options(self.geometry))
         with tifffile.TiffFile(self.target) as tif:
@@ -194,6 +196,8 @@ class TiffWriter(RawWriter):
 
 class TiffSlicesWriter(VolumeWriter):
     """Folder-of-slices writer: one 2D TIFF per z (``slice_00000.tif``, ...), each holding the spacing."""
+
+    _holds = staticmethod(holds_all_but_float16)
 
     resumable = True
 

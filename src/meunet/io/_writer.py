@@ -21,6 +21,11 @@ from meunet.io._volume import Volume
 PROGRESS = "progress.jsonl"
 
 
+def holds_all_but_float16(dtype: np.dtype) -> bool:
+    """``_holds`` for formats without float16 (NIfTI, TIFF with ImageJ or OME metadata, ITK)."""
+    return dtype.kind in "iuf" and dtype != np.float16
+
+
 class VolumeWriter:
     """Base of the format writers: a context manager taking (dz, Y, X) slabs through :meth:`write`.
 
@@ -43,6 +48,8 @@ class VolumeWriter:
         self.dtype = np.dtype(geometry.array.dtype)
         self.chunks = chunks
         self.resume = resume
+        if not self._holds(self.dtype):
+            raise InputError(self.path, f"this format cannot hold {self.dtype} voxels")
         if resume and not self.resumable:
             raise InputError(self.path, "resuming needs a Zarr, NIfTI, .npy, TIFF or slice-folder output")
         self.partial = self.path.parent / f".{self.path.name}.partial"
@@ -52,6 +59,11 @@ class VolumeWriter:
         self.z_chunk = 1  # slabs aligned to multiples of this depth write whole chunks (Zarr)
 
     # -- the part each format fills in -------------------------------------------------------------------
+    @staticmethod
+    def _holds(dtype: np.dtype) -> bool:
+        """Whether the format can store voxels of this dtype."""
+        return dtype.kind in "biuf"
+
     def _create(self) -> dict:
         """Create the empty output at ``self.target``; return what :meth:`_reopen` needs (JSON-able)."""
         raise NotImplementedError
