@@ -1,0 +1,79 @@
+"""``train_log.csv`` (one row per validation) and ``curves.png`` (training loss and validation Dice)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+
+BASE_COLUMNS = ["stage", "iteration", "epoch", "loss", "local_loss", "context_loss", "seconds"]
+
+
+class TrainLog:
+    """Rows of the training log, rewritten whole (temporary name, rename) after each append.
+
+    Columns: stage, iteration, epoch (patches seen / kept patches), loss, local_loss, context_loss (mean
+    training losses since the previous row; context_loss empty for stage 2), seconds (training time of the
+    stage so far), ``dice_<class>`` per class and ``mean_foreground_dice`` on the validation volumes.
+    """
+
+    def __init__(self, path: Path, classes: list[str]) -> None:
+        self.path = path
+        self.dice_columns = [f"dice_{c}" for c in classes]
+        self.columns = [*BASE_COLUMNS, *self.dice_columns, "mean_foreground_dice"]
+        self.rows: list[dict[str, str]] = []
+        if path.exists():
+            with path.open(newline="") as f:
+                self.rows = list(csv.DictReader(f))
+
+    def keep_until(self, stage: int, iteration: int) -> None:
+        """Drop rows of ``stage`` after ``iteration`` and rows of later stages (work no checkpoint holds)."""
+        self.rows = [
+            r
+            for r in self.rows
+            if int(r["stage"]) < stage or (int(r["stage"]) == stage and int(r["iteration"]) <= iteration)
+        ]
+
+    def append(self, row: dict[str, float], dice: np.ndarray) -> None:
+        """Add one row (missing values are left empty) with the Dice (C,) per class, and rewrite the file."""
+        row = {**row, **dict(zip(self.dice_columns, dice.tolist(), strict=True))}
+        self.rows.append({k: "" if row.get(k) is None else f"{row[k]:.6g}" for k in self.columns})
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+    def plot(self, path: Path) -> None:
+        """Draw ``curves.png``: training losses (left) and validation Dice per class (right) by iteration."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        for stage in sorted({r["stage"] for r in self.rows}):
+            rows = [r for r in self.rows if r["stage"] == stage]
+            x = np.array([float(r["iteration"]) for r in rows])
+            for key in ("loss", "context_loss"):
+                y = np.array([float(r[key]) if r[key] else np.nan for r in rows])
+                if np.isfinite(y).any():
+                    left.plot(x, y, marker=".", label=f"stage {stage} {key.replace('_', ' ')}")
+            for key in self.columns[len(BASE_COLUMNS) :]:
+                y = np.array([float(r[key]) if r[key] else np.nan for r in rows])
+                right.plot(
+                    x, y, marker=".", label=f"stage {stage} {key.removeprefix('dice_').replace('_', ' ')}"
+                )
+        left.set(xlabel="iteration", ylabel="training loss (W_D)", title="training loss")
+        right.set(xlabel="iteration", ylabel="Dice", ylim=(0, 1), title="validation Dice")
+        for ax in (left, right):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)

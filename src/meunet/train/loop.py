@@ -1,0 +1,246 @@
+"""The training loop of one stage: optimisation, validation, best checkpoint, early stopping, resumption."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from meunet.data.augment import apply_transforms, perturb_probabilities, random_transforms
+from meunet.data.patches import PatchDataset
+from meunet.train.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from meunet.train.config import AugmentationConfig, TrainConfig
+from meunet.train.log import TrainLog
+from meunet.train.loss import wd_loss
+
+Batch = dict[str, torch.Tensor]
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Progress:
+    """Where a stage stands; saved in its checkpoint.
+
+    Attributes:
+        iteration: optimiser steps done.
+        position: training-stream samples consumed (the sampler position).
+        best_score: best mean foreground validation Dice so far (-inf before the first validation).
+        best_iteration: iteration of the best score (whose weights are in the model directory).
+        stale: validations since the last improvement.
+        stopped_early: ``stale`` reached the patience.
+        seconds: wall time spent in this stage, validation included.
+    """
+
+    iteration: int = 0
+    position: int = 0
+    best_score: float = -math.inf
+    best_iteration: int = 0
+    stale: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What differs between training stage 1 and stage 2.
+
+    Attributes:
+        number: 1 or 2.
+        net: the module to train (its parameters with ``requires_grad`` are optimised).
+        dataset: the training stream.
+        losses: ``losses(net, batch)`` -> dict with ``loss`` (to minimise) and the parts to log
+            (``local_loss``, ``context_loss``), float32 scalars.
+        validate: returns float64 (C,) validation Dice per class.
+        save_best: writes the model directory with the current weights.
+    """
+
+    number: int
+    net: nn.Module
+    dataset: PatchDataset
+    losses: Callable[[nn.Module, Batch], dict[str, torch.Tensor]]
+    validate: Callable[[], np.ndarray]
+    save_best: Callable[[], None]
+
+
+def augment_batch(
+    batch: Batch,
+    generator: torch.Generator,
+    augmentation: AugmentationConfig,
+    image_fill: float,
+    perturb: float,
+) -> Batch:
+    """Augment a batch on its device; one transform per sample, shared by all of the sample's tensors.
+
+    Images (``image``, ``context_image``) are warped trilinearly with ``image_fill`` (normalised raw 0)
+    outside; labels (``label``, ``context_label``, uint8) by nearest neighbour, returned as int64, the
+    context labels then taken at every second voxel; cached ``stage1`` probabilities trilinearly with
+    one-hot background outside, then perturbed (see :func:`perturb_probabilities`) with chance ``perturb``.
+    """
+    a = augmentation
+    transforms = random_transforms(
+        len(batch["image"]), a.affine_probability, a.rotation, a.scale, a.flips, generator
+    )
+    out = {}
+    for key, value in batch.items():
+        if key.endswith("label"):
+            out[key] = apply_transforms(value[:, None].float(), transforms, "nearest")[:, 0].long()
+        elif key == "stage1":
+            fill = torch.zeros(value.shape[1])
+            fill[0] = 1
+            out[key] = apply_transforms(value.float(), transforms, "bilinear", fill)
+        else:
+            out[key] = apply_transforms(value, transforms, "bilinear", image_fill)
+    if "context_label" in out:
+        out["context_label"] = out["context_label"][:, ::2, ::2, ::2]
+    if "stage1" in out:
+        out["stage1"] = perturb_probabilities(out["stage1"], perturb, generator)
+    return out
+
+
+def stage1_losses(net: nn.Module, batch: Batch, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """W_D on the local head plus W_D on the half-resolution context head (weights 1:1)."""
+    local, context = net(batch["image"], batch["context_image"])
+    local_loss = wd_loss(local, batch["label"], weights)
+    context_loss = wd_loss(context, batch["context_label"], weights)
+    return {"loss": local_loss + context_loss, "local_loss": local_loss, "context_loss": context_loss}
+
+
+def stage2_losses(net: nn.Module, batch: Batch, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """W_D of the cascade's logits given the (augmented, perturbed) cached stage-1 probabilities."""
+    loss = wd_loss(net(batch["image"], batch["stage1"]), batch["label"], weights)
+    return {"loss": loss, "local_loss": loss}
+
+
+def iteration_limit(config: TrainConfig, kept_patches: int) -> int:
+    """Iterations allowed: ``max_iterations``, or ``max_epochs`` passes over the kept patches if fewer."""
+    training = config.training
+    by_epochs = math.ceil(training.max_epochs * kept_patches / training.batch_size)
+    return min(by_epochs, training.max_iterations or by_epochs)
+
+
+def fit_stage(
+    stage: Stage,
+    config: TrainConfig,
+    checkpoint: Path,
+    log: TrainLog,
+    device: torch.device,
+    augment: Callable[[Batch, torch.Generator], Batch],
+    resume: bool,
+) -> int:
+    """Train one stage until its iteration limit or early stop, validating and checkpointing as it goes.
+
+    Every ``validate_every`` iterations (default: once per epoch) and at the last iteration, the stage is
+    validated, a row is logged, the model directory is written if the mean foreground Dice improved, and the
+    checkpoint (weights, optimiser, loss scaler, all random states, progress and sampler position) is written
+    to ``checkpoint`` (temporary name, then rename).
+
+    Args:
+        stage: the stage's network, data and callbacks.
+        config: the training configuration.
+        checkpoint: this stage's checkpoint file.
+        log: the training log (rows past a resumed checkpoint are dropped).
+        device: where to train.
+        augment: ``augment(batch, generator)`` applied on the device before each step.
+        resume: continue from ``checkpoint`` if it exists; otherwise start afresh (and delete it).
+
+    Returns:
+        The number of optimiser steps taken in this call (0 when the stage had already finished).
+    """
+    training = config.training
+    params = [p for p in stage.net.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=training.learning_rate)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    generator = torch.Generator().manual_seed(
+        int(np.random.SeedSequence([config.seed, stage.number]).generate_state(1)[0])
+    )
+    progress = Progress()
+    if resume and checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        stage.net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["generator"])
+        restore_rng_states(state["rng"])
+        progress = Progress(**state["progress"])
+    else:
+        checkpoint.unlink(missing_ok=True)
+    log.keep_until(stage.number, progress.iteration)
+    total = iteration_limit(config, len(stage.dataset))
+    if progress.stopped_early or progress.iteration >= total:
+        return 0
+    first = progress.iteration
+
+    batch_size = training.batch_size
+    every = training.validate_every or math.ceil(len(stage.dataset) / batch_size)
+    loader = torch.utils.data.DataLoader(
+        stage.dataset,
+        batch_size=batch_size,
+        sampler=range(progress.position, progress.position + (total - progress.iteration) * batch_size),
+        num_workers=training.workers,
+        pin_memory=device.type == "cuda",
+    )
+    dtype = _AUTOCAST[config.precision]
+    sums: dict[str, float] = {}
+    steps = 0
+    started = time.perf_counter() - progress.seconds
+    stage.net.train()
+    bar = tqdm(
+        total=total, initial=progress.iteration, desc=f"stage {stage.number}", disable=not training.progress
+    )
+    for batch in loader:
+        batch = augment({k: v.to(device, non_blocking=True) for k, v in batch.items()}, generator)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            losses = stage.losses(stage.net, batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        progress.iteration += 1
+        progress.position += batch_size
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + value.item()
+        steps += 1
+        bar.update()
+        bar.set_postfix(loss=f"{losses['loss'].item():.4f}", refresh=False)
+        if progress.iteration % every and progress.iteration < total:
+            continue
+        dice = stage.validate()
+        stage.net.train()
+        foreground = dice[1:][np.isfinite(dice[1:])]
+        score = float(foreground.mean()) if foreground.size else 0.0
+        if score > progress.best_score:
+            progress.best_score, progress.best_iteration, progress.stale = score, progress.iteration, 0
+            stage.save_best()
+        else:
+            progress.stale += 1
+            progress.stopped_early = progress.stale >= training.patience
+        progress.seconds = time.perf_counter() - started
+        row = {k: v / steps for k, v in sums.items()}
+        row.update(stage=stage.number, iteration=progress.iteration, seconds=progress.seconds)
+        row.update(epoch=progress.position / len(stage.dataset), mean_foreground_dice=score)
+        log.append(row, dice)
+        save_checkpoint(
+            checkpoint,
+            {
+                "stage": stage.number,
+                "net": stage.net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "generator": generator.get_state(),
+                "rng": rng_states(),
+                "progress": asdict(progress),
+            },
+        )
+        sums, steps = {}, 0
+        bar.set_postfix(loss=f"{row['loss']:.4f}", dice=f"{score:.3f}")
+        if progress.stopped_early:
+            break
+    bar.close()
+    return progress.iteration - first

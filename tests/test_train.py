@@ -1,0 +1,200 @@
+"""Training end to end on tiny volumes: determinism, resumption, bad configurations and data, both stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+
+from meunet.io import Volume, write_volume
+from meunet.models import load_model_dir
+from meunet.train import parse_config, train
+
+
+def _phantom(seed: int, shape=(32, 32, 32)) -> tuple[np.ndarray, np.ndarray]:
+    """A bright ball (class 1) with a brighter core (class 2) in noise: uint8 image and labels."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    c = rng.uniform(10, 22, 3)
+    r2 = (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2
+    labels = ((r2 < 49).astype(np.uint8) + (r2 < 9)).astype(np.uint8)
+    image = (60 + 50 * labels + rng.normal(0, 15, shape)).clip(0, 255).astype(np.uint8)
+    return image, labels
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("volumes")
+    for i in range(3):
+        image, labels = _phantom(i)
+        write_volume(folder / f"img{i}.npy", Volume(image))
+        write_volume(folder / f"lab{i}.npy", Volume(labels))
+    return folder
+
+
+def _config(volumes: Path, output: Path, **overrides) -> dict:
+    config = {
+        "output": str(output),
+        "stages": 1,
+        "model": {
+            "classes": ["background", "ball", "core"],
+            "widths": [2, 4, 4, 4, 4],
+            "checkpointing": False,
+        },
+        "data": {
+            "train": [
+                {"image": str(volumes / f"img{i}.npy"), "label": str(volumes / f"lab{i}.npy")} for i in (0, 1)
+            ],
+            "validation": [{"image": str(volumes / "img2.npy"), "label": str(volumes / "lab2.npy")}],
+        },
+        "patch": {"size": 16},
+        "training": {"batch_size": 2, "max_iterations": 6, "validate_every": 3, "progress": False},
+        "augmentation": {"affine_probability": 0.5},
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if name:
+            config[section] = {**config.get(section, {}), name: value}
+        else:
+            config[section] = value
+    return config
+
+
+def _weights(output: Path) -> dict[str, torch.Tensor]:
+    return torch.load(output / "checkpoint_stage1.pt", weights_only=True)["net"]
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def test_same_seed_same_weights_whatever_the_loader_workers(volumes, tmp_path):
+    train(parse_config(_config(volumes, tmp_path / "a"), "cfg"))
+    train(parse_config(_config(volumes, tmp_path / "b", **{"training.workers": 1}), "cfg"))
+    train(parse_config(_config(volumes, tmp_path / "c", seed=1), "cfg"))
+    assert _max_difference(_weights(tmp_path / "a"), _weights(tmp_path / "b")) == 0
+    assert _max_difference(_weights(tmp_path / "a"), _weights(tmp_path / "c")) > 1e-3
+
+
+def test_resume_continues_exactly(volumes, tmp_path, cli):
+    train(parse_config(_config(volumes, tmp_path / "whole", **{"training.max_iterations": 8}), "cfg"))
+    half = _config(volumes, tmp_path / "split", **{"training.max_iterations": 4})
+    train(parse_config(half, "cfg"))
+    assert (
+        torch.load(tmp_path / "split" / "checkpoint_stage1.pt", weights_only=True)["progress"]["iteration"]
+        == 4
+    )
+    half["training"]["max_iterations"] = 8
+    (tmp_path / "resume.yaml").write_text(yaml.safe_dump(half))
+    result = cli("train", tmp_path / "resume.yaml", "--resume")
+    assert result.exit_code == 0, result.stderr
+    assert _max_difference(_weights(tmp_path / "whole"), _weights(tmp_path / "split")) < 1e-6
+    logged = [
+        line.split(",")[1] for line in (tmp_path / "split" / "train_log.csv").read_text().splitlines()[1:]
+    ]
+    assert logged == ["3", "4", "6", "8"]
+
+
+def test_model_directory(volumes, tmp_path):
+    out = train(parse_config(_config(volumes, tmp_path / "m"), "cfg"))
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["classes"] == ["background", "ball", "core"]
+    assert meta["patch"] == [16, 16, 16] and meta["window"] == [24, 24, 24] and meta["stage2"] is None
+    assert set(meta["normalization"]) == {"clip_low", "clip_high", "mean", "std"}
+    assert meta["train_config"]["training"]["max_iterations"] == 6 and meta["versions"]["torch"]
+    bundle = load_model_dir(out)
+    assert bundle.stage1.spec["widths"] == [2, 4, 4, 4, 4]
+    header = (out / "train_log.csv").read_text().splitlines()[0].split(",")
+    assert header[-4:] == ["dice_background", "dice_ball", "dice_core", "mean_foreground_dice"]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_both_stages_with_cached_stage1_probabilities(volumes, tmp_path):
+    config = _config(volumes, tmp_path / "both", stages="both", **{"model.fusion": "pre"})
+    out = train(parse_config(config, "cfg"))
+    cache = zarr.open_array(str(out / "stage1_cache" / "train_0.zarr"), mode="r")
+    assert cache.shape == (3, 32, 32, 32) and cache.dtype == np.float16
+    assert np.allclose(np.asarray(cache[:, :4]).astype(np.float32).sum(0), 1, atol=3e-3)
+    bundle = load_model_dir(out)
+    assert bundle.stage2 is not None and bundle.meta["stage2"]["fusion"] == "pre"
+    assert {line.split(",")[0] for line in (out / "train_log.csv").read_text().splitlines()[1:]} == {"1", "2"}
+
+
+def _run(cli, tmp_path, config: dict, *args):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return cli("train", path, *args), path
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"model.widths": [2, 4, 4]},
+            "model.widths: List should have at least 5 items after validation, not 3",
+        ),
+        ({"patch.size": [16, 16, 15]}, "patch.size: each side must be even and at least 8"),
+        ({"stages": 3}, "stages: Input should be '1', '2' or 'both'"),
+        ({"training.learning_rate": -1}, "training.learning_rate: Input should be greater than 0"),
+        ({"training.batchsize": 2}, "training.batchsize: Extra inputs are not permitted"),
+        ({"precision": "fp8"}, "precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+        ({"device": "gpu"}, "device: must be auto, cpu, cuda, cuda:N or mps"),
+        ({"data": {"train": []}}, "data: give a dataset, or at least one train and one validation pair"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(volumes, tmp_path, cli, change, expected):
+    result, path = _run(cli, tmp_path, _config(volumes, tmp_path / "out", **change))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"error: {path}: {expected}"]
+    assert not (tmp_path / "out").exists()
+
+
+def _bad_volume(folder: Path, kind: str) -> dict:
+    image, labels = _phantom(0)
+    if kind == "shape":
+        labels = labels[:, :, :30]
+    elif kind == "values":
+        labels[5, 5, 5] = 3
+    else:
+        image = image.astype(np.float32)
+        image[20, 1, 2] = np.nan
+    write_volume(folder / f"{kind}_img.npy", Volume(image))
+    write_volume(folder / f"{kind}_lab.npy", Volume(labels))
+    return {"image": str(folder / f"{kind}_img.npy"), "label": str(folder / f"{kind}_lab.npy")}
+
+
+@pytest.mark.parametrize(
+    ("kind", "which", "message"),
+    [
+        ("shape", "lab", "label shape (32, 32, 30) differs from image shape (32, 32, 32)"),
+        ("values", "lab", "label value 3 outside the 3 classes (0..2)"),
+        ("nan", "img", "NaN or infinite intensities (in slices 0..31)"),
+    ],
+)
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_bad_data_is_one_line_and_writes_nothing(volumes, tmp_path, cli, kind, which, message, split):
+    config = _config(volumes, tmp_path / "out")
+    config["data"][split] = [*config["data"][split], _bad_volume(tmp_path, kind)]
+    result, _ = _run(cli, tmp_path, config)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / f'{kind}_{which}.npy'}: {message}"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_is_protected(volumes, tmp_path, cli):
+    config = _config(volumes, tmp_path / "out", **{"training.max_iterations": 2})
+    result, path = _run(cli, tmp_path, config, "--resume")
+    assert result.exit_code == 2 and "nothing to resume" in result.stderr
+    assert cli("train", path).exit_code == 0
+    result = cli("train", path)
+    assert result.exit_code == 2 and "use --resume to continue it, --force to start over" in result.stderr
+    assert cli("train", path, "--force").exit_code == 0
+    stage2 = _config(volumes, tmp_path / "none", stages=2)
+    result, _ = _run(cli, tmp_path, stage2)
+    assert result.exit_code == 2 and "train stage 1 first" in result.stderr
