@@ -223,6 +223,7 @@ def test_resume_needs_a_random_access_format(tmp_path):
 
 
 def test_zarr_writer_exposes_array_and_chunks(tmp_path):
+    assert create_writer(tmp_path / "a.zarr", (20, 30, 40), np.uint8).z_chunk == 20  # default 64, clipped
     with create_writer(tmp_path / "a.zarr", (20, 30, 40), np.uint8, chunks=(5, 30, 40)) as writer:
         assert writer.z_chunk == 5
         writer.array[0:20] = 7

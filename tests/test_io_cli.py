@@ -104,7 +104,9 @@ def test_unknown_extension(cli, volume_path, tmp_path):
     (tmp_path / "scan.xyz").write_bytes(b"\0" * 100)
     _assert_one_line_error(cli("info", tmp_path / "scan.xyz"), tmp_path / "scan.xyz")
     _assert_one_line_error(cli("convert", volume_path, tmp_path / "out.xyz"), tmp_path / "out.xyz")
-    assert _only(tmp_path) == ["in.nii.gz", "scan.xyz"]
+    (tmp_path / "file.zarr").write_bytes(b"\0" * 100)
+    _assert_one_line_error(cli("info", tmp_path / "file.zarr"), tmp_path / "file.zarr")
+    assert _only(tmp_path) == ["file.zarr", "in.nii.gz", "scan.xyz"]
 
 
 def test_nii_gz_cut_in_half(cli, tmp_path):

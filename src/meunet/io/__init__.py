@@ -44,6 +44,7 @@ _SUFFIX_FORMATS = {
     ".mhd": "metaimage",
     ".npy": "npy",
 }
+_ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 SLAB_BYTES = 64 << 20
 
 
@@ -59,9 +60,9 @@ def volume_format(path: str | PathLike[str]) -> str:
     if not path.exists():
         raise InputError(path, "no such file or directory")
     suffix = _suffix(path)
-    if path.is_dir() and (
-        suffix == ".zarr" or any((path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup"))
-    ):
+    if suffix == ".zarr" and not path.is_dir():
+        raise InputError(path, "not a Zarr store: a file, not a folder")
+    if path.is_dir() and (suffix == ".zarr" or any((path / m).exists() for m in _ZARR_MARKERS)):
         import zarr
 
         try:
@@ -78,7 +79,7 @@ def volume_format(path: str | PathLike[str]) -> str:
         if dicom_series(path):
             return "dicom"
         raise InputError(path, "the folder holds no TIFF slices, DICOM series or Zarr store")
-    if suffix not in _SUFFIX_FORMATS or suffix == ".zarr":
+    if suffix not in _SUFFIX_FORMATS:
         raise InputError(path, f"unknown volume format {suffix or '(no suffix)'!r}; " + _KNOWN)
     return _SUFFIX_FORMATS[suffix]
 

@@ -18,7 +18,6 @@ from meunet.io._volume import MM_PER_UNIT, LazyArray, Volume, require_3d
 from meunet.io._writer import VolumeWriter
 
 DEFAULT_CHUNKS = (64, 128, 128)  # 1 MiB of uint8: few enough chunks for fast writes, small for viewers
-ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 
 
 def _multiscale(attrs: dict) -> dict | None:
@@ -108,24 +107,28 @@ class ZarrWriter(VolumeWriter):
 
     resumable = True
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._chunks = tuple(
+            min(c, n) for c, n in zip(self.chunks or DEFAULT_CHUNKS, self.shape, strict=True)
+        )
+        self.z_chunk = self._chunks[0]
+
     def _create(self) -> dict:
-        chunks = tuple(min(c, n) for c, n in zip(self.chunks or DEFAULT_CHUNKS, self.shape, strict=True))
         group = zarr.open_group(self.target, mode="w", zarr_format=3)
         group.attrs.update(_ome_attrs(self.geometry, self.path.name.removesuffix(".zarr")))
         self.array = group.create_array(
             "0",
             shape=self.shape,
-            chunks=chunks,
+            chunks=self._chunks,
             dtype=self.dtype,
             dimension_names=("z", "y", "x"),
             config={"write_empty_chunks": True},
         )
-        self.z_chunk = chunks[0]
         return {}
 
     def _reopen(self, state: dict) -> None:
         self.array = zarr.open_array(self.target / "0", mode="r+")
-        self.z_chunk = self.array.chunks[0]
 
     def _write(self, z0: int, slab: np.ndarray) -> None:
         self.array[z0 : z0 + slab.shape[0]] = slab
