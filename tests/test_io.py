@@ -184,6 +184,10 @@ def test_existing_output_needs_force(tmp_path):
     write_volume(tmp_path / "a.zarr", _volume("uint8"))
     write_volume(tmp_path / "a.zarr", _volume("int16", (3, 4, 5)), force=True)
     assert read_volume(tmp_path / "a.zarr").array.shape == (3, 4, 5)
+    (tmp_path / "b.zarr").write_bytes(b"a file in the way of a folder")
+    write_volume(tmp_path / "b.zarr", _volume("uint8"), force=True)
+    assert read_volume(tmp_path / "b.zarr").array.shape == (7, 9, 11)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "a.zarr", "b.zarr"]
 
 
 @pytest.mark.parametrize("name", ["a.zarr", "a.nii.gz", "a.tif"])

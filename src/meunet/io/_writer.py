@@ -109,8 +109,12 @@ class VolumeWriter:
             if self.partial.exists():
                 shutil.rmtree(self.partial)
             self.partial.mkdir()
-            state = self._create()
-            (self.partial / PROGRESS).write_text(json.dumps({**header, "state": state}) + "\n")
+            try:
+                state = self._create()
+                (self.partial / PROGRESS).write_text(json.dumps({**header, "state": state}) + "\n")
+            except BaseException:
+                self._discard()
+                raise
         self._log = open(self.partial / PROGRESS, "a")  # closed in __exit__
         return self
 
@@ -137,20 +141,25 @@ class VolumeWriter:
         if self._log is not None:
             self._log.close()
         if exc_type is not None:
-            self._release()
-            if not self.resume:
-                shutil.rmtree(self.partial, ignore_errors=True)
+            self._discard()
             return
         try:
             self._finish()
-        finally:
             self._release()
-        self._move_into_place()
+            self._move_into_place()
+        except BaseException:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        """After a failure: close handles, and remove the partial output unless it is kept for resuming."""
+        self._release()
+        if not self.resume:
+            shutil.rmtree(self.partial, ignore_errors=True)
 
     def _move_into_place(self) -> None:
-        if self.path.is_dir() and not self.path.is_symlink():
-            old = self.partial / ".replaced"
-            os.replace(self.path, old)
+        if self.path.exists() and (self.path.is_dir() or self.target.is_dir()):  # rename cannot replace these
+            os.replace(self.path, self.partial / ".replaced")
         for entry in sorted(self.partial.iterdir(), key=lambda p: p == self.target):  # main file last
             if entry.name not in (PROGRESS, ".replaced"):
                 os.replace(entry, self.path.parent / entry.name)
