@@ -192,7 +192,7 @@ def create_writer(
     return Writer(path, geometry, None if chunks is None else tuple(int(c) for c in chunks), resume)
 
 
-def slab_depth(shape: tuple[int, ...], dtype, chunk_z: int = 1) -> int:
+def _slab_depth(shape: tuple[int, ...], dtype, chunk_z: int = 1) -> int:
     """Slices per slab so that one slab holds about 64 MiB, rounded to a multiple of ``chunk_z``."""
     per_slice = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
     depth = max(1, SLAB_BYTES // max(per_slice, 1))
@@ -204,7 +204,7 @@ def iter_slabs(array, depth: int | None = None) -> Iterator[tuple[int, np.ndarra
 
     ``depth`` defaults to about 64 MiB of voxels per slab.
     """
-    depth = depth or slab_depth(array.shape, array.dtype)
+    depth = depth or _slab_depth(array.shape, array.dtype)
     for z0 in range(0, array.shape[0], depth):
         yield z0, np.asarray(array[z0 : z0 + depth])
 
@@ -241,7 +241,7 @@ def write_volume(
 
     array = volume.array
     with create_writer(path, array.shape, array.dtype, like=volume, chunks=chunks, force=force) as writer:
-        depth = slab_depth(array.shape, array.dtype, writer.z_chunk)
+        depth = _slab_depth(array.shape, array.dtype, writer.z_chunk)
         bar = tqdm(
             total=array.shape[0], unit="slice", desc=Path(path).name, disable=None if progress else True
         )

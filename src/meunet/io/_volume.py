@@ -121,6 +121,7 @@ class LazyArray:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the whole array would take in memory."""
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def __len__(self) -> int:
