@@ -191,3 +191,33 @@ def test_killed_zarr_prediction_resumes_to_same_labels(models, cascade_run, tmp_
         open_volume(output).array[...], open_volume(cascade_run["labels"]).array[...]
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["killer.py", "out.zarr"]  # no scratch left behind
+
+
+def test_cli_predict_and_bad_input_lines(cli, models, tmp_path):
+    image = _image(tmp_path / "image.npy")
+    result = cli(
+        "predict", models["single"], image, tmp_path / "labels.nii", "--stats-json", tmp_path / "s.json"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "estimated peak memory" in result.stderr and "wrote" in result.stdout
+    assert read_volume(tmp_path / "labels.nii").array.shape == (40, 20, 24)
+    assert json.loads((tmp_path / "s.json").read_text())["voxels"] == 40 * 20 * 24
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.json").write_text('{"stage1": {"n_classes": 3}, "classes": ["a"]}')
+    two = _model_dir(tmp_path / "two", in_channels=2)
+    cases = {
+        "model directory not found": (tmp_path / "nowhere", image, tmp_path / "a.npy"),
+        "classes": (broken, image, tmp_path / "a.npy"),
+        "2 input channels": (two, image, tmp_path / "a.npy"),
+        "output exists": (models["single"], image, tmp_path / "labels.nii"),
+    }
+    for message, args in cases.items():
+        result = cli("predict", *args, "--no-progress")
+        assert result.exit_code == 2, message
+        assert (
+            result.stderr.count("\n") == 1
+            and result.stderr.startswith("error: ")
+            and message in result.stderr
+        )
+    assert not (tmp_path / "a.npy").exists()

@@ -182,6 +182,77 @@ def train_command(
     typer.echo(f"model directory: {train(load_config(config), resume=resume, force=force)}")
 
 
+@app.command("predict")
+def predict_command(
+    model_dir: Path = typer.Argument(..., help="Model directory written by 'meunet train'."),
+    input: Path = typer.Argument(..., help="Image volume (any format meunet reads; read slab by slab)."),
+    output: Path = typer.Argument(
+        ..., help="Labels to write (uint8, the input's geometry); suffix = format."
+    ),
+    overlap: float = typer.Option(0.5, "--overlap", help="Fraction of the window shared by neighbours."),
+    blend: str = typer.Option("gaussian", "--blend", help="gaussian, constant, or vote (notebook's)."),
+    window: tuple[int, int, int] | None = typer.Option(
+        None, "--window", metavar="Z Y X", help="Window size (default: the model's)."
+    ),
+    batch: int = typer.Option(1, "--batch", min=1, help="Windows per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:1, mps ..."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 / fp16 autocast."),
+    skip_empty: bool = typer.Option(False, "--skip-empty", help="Skip windows that are all air."),
+    air_threshold: float | None = typer.Option(
+        None, "--air-threshold", help="Raw intensity below which a voxel is air (default: from the model)."
+    ),
+    tta: bool = typer.Option(False, "--tta", help="Average over the 8 flips of the axes."),
+    probabilities: Path | None = typer.Option(
+        None, "--probabilities", help="Also write float16 probabilities (C, Z, Y, X) to this .zarr."
+    ),
+    stats_json: Path | None = typer.Option(None, "--stats-json", help="Write time, speed and memory here."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No memory line, no progress bars."),
+    force: bool = typer.Option(False, "--force", help="Overwrite outputs; ignore the memory estimate."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (e.g. Zarr output)."),
+) -> None:
+    """Segment a volume in bounded memory: sliding windows streamed along z, labels written slab by slab."""
+    from meunet.infer import predict
+
+    stats = predict(
+        model_dir, input, output, overlap=overlap, blend=blend, window=window, batch=batch, device=device,
+        precision=precision, skip_empty=skip_empty, air_threshold=air_threshold, tta=tta,
+        probabilities=probabilities, stats_json=stats_json, progress=not no_progress, force=force,
+        resume=resume,
+    )  # fmt: skip
+    typer.echo(
+        f"wrote {output}: {stats['voxels']} voxels in {stats['seconds']:.1f} s "
+        f"({stats['voxels_per_second'] / 1e6:.2f} M voxels/s), "
+        f"peak RSS {stats['peak_rss_bytes'] / 2**30:.2f} GiB, "
+        f"{stats['windows']} windows ({stats['windows_skipped']} skipped)"
+    )
+
+
+@app.command("evaluate")
+def evaluate_command(
+    pred: Path = typer.Argument(..., help="Predicted labels (any format meunet reads)."),
+    truth: Path = typer.Argument(..., help="True labels, same shape; its spacing is used."),
+    json_file: Path | None = typer.Option(None, "--json", help="Write the scores as JSON."),
+    overlay: Path | None = typer.Option(None, "--overlay", help="Write a PNG: 3 planes, prediction | truth."),
+    class_names: str | None = typer.Option(
+        None, "--class-names", help="Names by label value, comma-separated, e.g. background,gut,crop."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing --json / --overlay files."),
+) -> None:
+    """Per-class Dice, IoU, precision, recall, HD95 (mm) and volumes, computed slab by slab."""
+    from meunet.metrics import evaluate
+
+    names = None if class_names is None else [n.strip() for n in class_names.split(",")]
+    result = evaluate(pred, truth, class_names=names, json_file=json_file, overlay=overlay, force=force)
+    header = "".join(f"{h:>8}" for h in ("dice", "iou", "prec", "recall"))
+    typer.echo(f"{'class':<14}{header}{'hd95 mm':>10}{'pred mm3':>14}{'true mm3':>14}")
+    for c in result["classes"]:
+        hd95 = "-" if c["hd95_mm"] is None else f"{c['hd95_mm']:.3g}"
+        scores = "".join(f"{c[k]:>8.4f}" for k in ("dice", "iou", "precision", "recall"))
+        typer.echo(
+            f"{c['name'][:13]:<14}{scores}{hd95:>10}{c['volume_mm3_pred']:>14.6g}{c['volume_mm3_truth']:>14.6g}"
+        )
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

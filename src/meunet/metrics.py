@@ -7,12 +7,18 @@ a one-slice halo, so only surfaces (not volumes or bounding boxes) are ever held
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
+
+from meunet.errors import InputError
 
 
 def confusion_matrix(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
@@ -130,15 +136,16 @@ def evaluate_labels(
         volume_mm3_pred, volume_mm3_truth``.
 
     Raises:
-        ValueError: different shapes, non-integer labels, or labels outside [0, n_classes).
+        ValueError: different shapes, non-integer labels, or labels outside [0, n_classes); the message
+            starts with ``prediction`` or ``truth`` where it concerns one of them.
     """
     if tuple(pred.shape) != tuple(truth.shape) or len(pred.shape) != 3:
         raise ValueError(
             f"prediction shape {tuple(pred.shape)} differs from truth shape {tuple(truth.shape)}"
         )
-    for array in (pred, truth):
+    for array, name in ((pred, "prediction"), (truth, "truth")):
         if not np.issubdtype(np.dtype(array.dtype), np.integer):
-            raise ValueError(f"labels must be integers, not {np.dtype(array.dtype)}")
+            raise ValueError(f"{name} labels must be integers, not {np.dtype(array.dtype)}")
     limit = 256 if n_classes is None else n_classes
     depth = pred.shape[0]
     confusion = np.zeros((limit, limit), np.int64)
@@ -146,7 +153,7 @@ def evaluate_labels(
     for z0 in range(0, depth, slab):
         z1 = min(z0 + slab, depth)
         lo, hi = max(z0 - 1, 0), min(z1 + 1, depth)
-        pair = [_slab_labels(array, lo, hi, limit) for array in (pred, truth)]
+        pair = [_slab_labels(a, lo, hi, limit, name) for a, name in ((pred, "prediction"), (truth, "truth"))]
         part = confusion_matrix(pair[0][z0 - lo : z1 - lo], pair[1][z0 - lo : z1 - lo], limit)
         confusion += part
         present = np.flatnonzero(part.sum(0) + part.sum(1))
@@ -165,10 +172,12 @@ def evaluate_labels(
     return _summary(confusion, surfaces, spacing_mm)
 
 
-def _slab_labels(array, lo: int, hi: int, limit: int) -> np.ndarray:
+def _slab_labels(array, lo: int, hi: int, limit: int, name: str) -> np.ndarray:
     labels = np.asarray(array[lo:hi])
     if labels.size and (labels.min() < 0 or labels.max() >= limit):
-        raise ValueError(f"label values must lie in [0, {limit}), found {labels.min()}..{labels.max()}")
+        raise ValueError(
+            f"{name} label values must lie in [0, {limit}), found {labels.min()}..{labels.max()}"
+        )
     return labels.astype(np.uint8, copy=False)
 
 
@@ -197,3 +206,74 @@ def _summary(confusion: np.ndarray, surfaces: dict, spacing_mm: Sequence[float])
         "voxel_mm3": voxel_mm3,
         "classes": classes,
     }
+
+
+def evaluate(
+    pred: str | os.PathLike[str],
+    truth: str | os.PathLike[str],
+    *,
+    class_names: Sequence[str] | None = None,
+    json_file: str | os.PathLike[str] | None = None,
+    overlay: str | os.PathLike[str] | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """``meunet evaluate``: :func:`evaluate_labels` of two label files, with the truth's spacing.
+
+    Args:
+        pred, truth: label volumes in any format :func:`meunet.io.open_volume` reads, same shape.
+        class_names: names by label value; also fixes the number of classes (labels must lie below it).
+        json_file: write the result as JSON (NaN and inf as null).
+        overlay: write a PNG of three orthogonal slices, prediction beside truth
+            (:func:`meunet.report.save_overlay`).
+        force: overwrite existing ``json_file`` / ``overlay``.
+
+    Returns:
+        :func:`evaluate_labels`' dict, each class entry with its ``name`` added.
+
+    Raises:
+        InputError: unreadable volumes, different shapes, non-integer or out-of-range labels, existing
+            outputs.
+    """
+    from meunet.io import open_volume
+
+    for out in (json_file, overlay):
+        if out is not None and Path(out).exists() and not force:
+            raise InputError(out, "output exists; use --force to overwrite it")
+    volumes = {"prediction": (pred, open_volume(pred)), "truth": (truth, open_volume(truth))}
+    arrays = {name: volume.array for name, (_, volume) in volumes.items()}
+    if arrays["prediction"].shape != arrays["truth"].shape:
+        raise InputError(
+            pred, f"shape {arrays['prediction'].shape} differs from the truth's {arrays['truth'].shape}"
+        )
+    spacing = volumes["truth"][1].spacing
+    n_classes = None if class_names is None else len(class_names)
+    try:
+        result = evaluate_labels(arrays["prediction"], arrays["truth"], spacing, n_classes)
+    except ValueError as exc:
+        name = str(exc).split(" ")[0]
+        raise InputError(volumes[name][0] if name in volumes else pred, str(exc)) from None
+    for entry in result["classes"]:
+        c = entry["label"]
+        entry["name"] = class_names[c] if class_names is not None else f"label {c}"
+    if json_file is not None:
+        tmp = Path(json_file).with_name(f".{Path(json_file).name}.tmp")
+        tmp.write_text(json.dumps(_finite_or_none(result), indent=2) + "\n")
+        os.replace(tmp, json_file)
+    if overlay is not None:
+        from meunet.report import save_overlay
+
+        save_overlay(
+            arrays["prediction"], arrays["truth"], overlay, spacing, [e["name"] for e in result["classes"]]
+        )
+    return result
+
+
+def _finite_or_none(value):
+    """``value`` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

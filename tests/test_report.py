@@ -1,0 +1,63 @@
+"""``meunet evaluate`` and the overlay picture."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from meunet.io import Volume, write_volume
+from meunet.report import foreground_centre, orthogonal_slices
+
+
+def _labels(shape=(12, 16, 20)) -> tuple[np.ndarray, np.ndarray]:
+    truth = np.zeros(shape, np.uint8)
+    truth[3:9, 4:12, 5:15] = 1
+    truth[5:7, 6:9, 7:10] = 2
+    pred = np.roll(truth, 1, axis=2)
+    return pred, truth
+
+
+def test_foreground_centre_and_slices():
+    _, truth = _labels()
+    truth[0, 0, 7:9] = 1  # x = 7, 8 get one voxel more than x = 5..14
+    centre = foreground_centre(truth, slab=5)
+    assert centre == (6, 8, 8)  # middle of the tied planes z 3..8 and y 4..11; x 7, 8
+    axial, coronal, sagittal = orthogonal_slices(truth, centre, slab=5)
+    np.testing.assert_array_equal(axial, truth[6])
+    np.testing.assert_array_equal(coronal, truth[:, 8, :])
+    np.testing.assert_array_equal(sagittal, truth[:, :, 8])
+    assert foreground_centre(np.zeros((4, 6, 8), np.uint8)) == (2, 3, 4)
+
+
+def test_cli_evaluate_json_overlay(cli, tmp_path):
+    pred, truth = _labels()
+    spacing = (2.0, 1.0, 0.5)
+    write_volume(tmp_path / "pred.nii.gz", Volume(pred, spacing=spacing))
+    write_volume(tmp_path / "truth.zarr", Volume(truth, spacing=spacing))
+    result = cli(
+        "evaluate", tmp_path / "pred.nii.gz", tmp_path / "truth.zarr", "--json", tmp_path / "scores.json",
+        "--overlay", tmp_path / "overlay.png", "--class-names", "background,gut,crop",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "gut" in result.stdout and "crop" in result.stdout
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    gut = scores["classes"][1]
+    assert gut["name"] == "gut" and gut["hd95_mm"] == 0.5  # shifted by one voxel along x (0.5 mm)
+    assert gut["volume_mm3_truth"] == ((truth == 1).sum()) * 1.0
+    assert scores["classes"][0]["hd95_mm"] is None
+    with Image.open(tmp_path / "overlay.png") as png:
+        assert png.format == "PNG" and png.size[0] > 200
+        assert len(np.unique(np.asarray(png.convert("RGB")).reshape(-1, 3), axis=0)) > 3  # classes drawn
+
+
+def test_cli_evaluate_bad_input(cli, tmp_path):
+    pred, truth = _labels()
+    np.save(tmp_path / "pred.npy", pred[:-1])
+    np.save(tmp_path / "truth.npy", truth)
+    result = cli("evaluate", tmp_path / "pred.npy", tmp_path / "truth.npy")
+    assert result.exit_code == 2 and "differs" in result.stderr and result.stderr.count("\n") == 1
+    np.save(tmp_path / "pred.npy", np.minimum(pred, 1))
+    result = cli("evaluate", tmp_path / "pred.npy", tmp_path / "truth.npy", "--class-names", "background,gut")
+    assert (
+        result.exit_code == 2 and str(tmp_path / "truth.npy") in result.stderr and "[0, 2)" in result.stderr
+    )
