@@ -13,8 +13,11 @@ import torch
 from meunet.errors import InputError
 from meunet.models.cascade import Cascade, build_cascade
 from meunet.models.meunet import MeUNet
+from meunet.models.unet import UNet3D
 
 FORMAT_VERSION = 1
+# model.json's stage1.architecture: the meU-net, or a plain U-net (the baselines of design section 3).
+STAGE1_ARCHITECTURES = {"meunet": MeUNet, "unet": UNet3D}
 
 
 @dataclass
@@ -23,13 +26,13 @@ class ModelBundle:
 
     Attributes:
         meta: the parsed ``model.json`` (``normalization``, ``window``, ``patch`` ...).
-        stage1: the meU-net.
+        stage1: the meU-net, or a plain :class:`UNet3D` (``stage1.architecture`` ``"unet"``).
         stage2: the cascade (stage 1 inside, frozen) or None for a stage-1-only model.
         classes: class names, index = label value.
     """
 
     meta: dict[str, Any]
-    stage1: MeUNet
+    stage1: UNet3D
     stage2: Cascade | None
     classes: list[str]
 
@@ -55,13 +58,14 @@ def _state_dict_cpu(module: torch.nn.Module, skip_prefix: str | None = None) -> 
 def save_model_dir(
     path: str | os.PathLike[str],
     meta: dict[str, Any],
-    stage1: MeUNet,
+    stage1: UNet3D,
     stage2: Cascade | None = None,
     force: bool = False,
 ) -> Path:
     """Write a model directory; each file goes to a temporary name first and is renamed into place.
 
-    ``meta`` becomes ``model.json`` with ``format_version``, ``in_channels``, ``stage1`` (= ``stage1.spec``)
+    ``meta`` becomes ``model.json`` with ``format_version``, ``in_channels``, ``stage1`` (= ``stage1.spec``
+    plus ``architecture``: ``"meunet"`` for a :class:`MeUNet`, ``"unet"`` for a plain :class:`UNet3D`)
     and ``stage2`` (= ``stage2.spec`` or null) filled in from the modules; the rest (``classes``,
     ``normalization``, ``patch``, ``window`` ...) is the caller's. ``stage2.pt`` holds the cascade's weights
     without stage 1's. ``model.json`` is written last.
@@ -79,7 +83,7 @@ def save_model_dir(
         **meta,
         "format_version": FORMAT_VERSION,
         "in_channels": stage1.spec["in_channels"],
-        "stage1": stage1.spec,
+        "stage1": {**stage1.spec, "architecture": "meunet" if isinstance(stage1, MeUNet) else "unet"},
         "stage2": None if stage2 is None else stage2.spec,
     }
     files = {"stage1.pt": _state_dict_cpu(stage1)}
@@ -149,7 +153,11 @@ def load_model_dir(path: str | os.PathLike[str], device: str | torch.device = "c
         raise InputError(path, "model directory not found")
     meta = _read_meta(path)
     try:
-        stage1 = MeUNet(**meta["stage1"])
+        spec = dict(meta["stage1"])
+        architecture = spec.pop("architecture", "meunet")
+        if architecture not in STAGE1_ARCHITECTURES:
+            raise ValueError(f"stage1.architecture must be one of {sorted(STAGE1_ARCHITECTURES)}")
+        stage1 = STAGE1_ARCHITECTURES[architecture](**spec)
         stage2 = None if meta.get("stage2") is None else build_cascade(stage1, meta["stage2"])
     except (TypeError, ValueError, KeyError) as exc:
         raise InputError(path / "model.json", f"bad architecture: {exc}") from None

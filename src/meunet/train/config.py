@@ -71,9 +71,11 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """The networks: stage 1 is a meU-net, stage 2 a U-net of the same widths joined by ``fusion``."""
+    """The networks: stage 1 is a meU-net (or, for the baselines, a plain U-net on the local patch only),
+    stage 2 a U-net of the same widths joined by ``fusion``."""
 
     classes: list[str] | None = Field(None, min_length=2)
+    stage1: Literal["meunet", "unet"] = "meunet"
     widths: list[int] = Field([16, 32, 64, 128, 128], min_length=5, max_length=5)
     norm: Literal["batch", "instance"] = "batch"
     checkpointing: bool = True

@@ -112,6 +112,12 @@ def stage1_losses(net: nn.Module, batch: Batch, weights: torch.Tensor) -> dict[s
     return {"loss": local_loss + context_loss, "local_loss": local_loss, "context_loss": context_loss}
 
 
+def local_losses(net: nn.Module, batch: Batch, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """W_D of a plain U-net's logits on the local patch (stage 1 with ``model.stage1: unet``)."""
+    loss = wd_loss(net(batch["image"]), batch["label"], weights)
+    return {"loss": loss, "local_loss": loss}
+
+
 def stage2_losses(net: nn.Module, batch: Batch, weights: torch.Tensor) -> dict[str, torch.Tensor]:
     """W_D of the cascade's logits given the (augmented, perturbed) cached stage-1 probabilities."""
     loss = wd_loss(net(batch["image"], batch["stage1"]), batch["label"], weights)
@@ -190,6 +196,7 @@ def fit_stage(
     sums: dict[str, float] = {}
     steps = 0
     started = time.perf_counter() - progress.seconds
+    interval = time.perf_counter()
     stage.net.train()
     bar = tqdm(
         total=total, initial=progress.iteration, desc=f"stage {stage.number}", disable=not training.progress
@@ -211,6 +218,7 @@ def fit_stage(
         bar.set_postfix(loss=f"{losses['loss'].item():.4f}", refresh=False)
         if progress.iteration % every and progress.iteration < total:
             continue
+        speed = steps / (time.perf_counter() - interval)
         dice = stage.validate()
         stage.net.train()
         foreground = dice[1:][np.isfinite(dice[1:])]
@@ -223,7 +231,7 @@ def fit_stage(
             progress.stopped_early = progress.stale >= training.patience
         progress.seconds = time.perf_counter() - started
         row = {k: v / steps for k, v in sums.items()}
-        row.update(stage=stage.number, iteration=progress.iteration, seconds=progress.seconds)
+        row.update(stage=stage.number, iteration=progress.iteration, seconds=progress.seconds, it_per_s=speed)
         row.update(epoch=progress.position / len(stage.dataset), mean_foreground_dice=score)
         log.append(row, dice)
         save_checkpoint(
@@ -238,7 +246,7 @@ def fit_stage(
                 "progress": asdict(progress),
             },
         )
-        sums, steps = {}, 0
+        sums, steps, interval = {}, 0, time.perf_counter()
         bar.set_postfix(loss=f"{row['loss']:.4f}", dice=f"{score:.3f}")
         if progress.stopped_early:
             break

@@ -27,7 +27,7 @@ from meunet.train.inference import (
     validation_dice,
 )
 from meunet.train.log import TrainLog
-from meunet.train.loop import Stage, augment_batch, fit_stage, stage1_losses, stage2_losses
+from meunet.train.loop import Stage, augment_batch, fit_stage, local_losses, stage1_losses, stage2_losses
 from meunet.train.loss import class_weights
 
 STAGE1_FILES = ("model.json", "stage1.pt", "checkpoint_stage1.pt", "train_log.csv")
@@ -117,12 +117,13 @@ def _fit(number, net, config, data, out, device, log, resume, save_best, caches=
     """Train stage ``number`` (``caches``: stage-1 probability Zarr paths per split, stage 2 only); returns
     the number of steps taken."""
     n_classes, norm = len(data.split.classes), data.normalization
+    meunet_stage1 = caches is None and isinstance(net, MeUNet)
     dataset = PatchDataset(
         data.openers("train", "image"),
         data.openers("train", "label"),
         data.index,
         config.patch.size,
-        config.patch.context if caches is None else None,
+        config.patch.context if meunet_stage1 else None,
         norm,
         config.seed,
         None if caches is None else [partial(zarr.open_array, str(p), mode="r") for p in caches["train"]],
@@ -140,17 +141,22 @@ def _fit(number, net, config, data, out, device, log, resume, save_best, caches=
         return validation_dice(net, volumes, n_classes, engine)
 
     weights = class_weights(data.index.class_counts).to(device)
-    losses = partial(stage1_losses if caches is None else stage2_losses, weights=weights)
+    kind = stage1_losses if meunet_stage1 else local_losses if caches is None else stage2_losses
+    losses = partial(kind, weights=weights)
     stage = Stage(number, net, dataset, losses, validate, save_best)
     checkpoint = out / f"checkpoint_stage{number}.pt"
     return fit_stage(stage, config, checkpoint, log, device, _augment(config, data), resume)
 
 
 def _train_stage1(config, data, meta, out, device, log, resume) -> bool:
-    """Train stage 1; returns whether any step was taken in this call."""
+    """Train stage 1 (a meU-net, or a plain U-net on local patches); returns whether any step was taken in
+    this call."""
     torch.manual_seed(config.seed)
     m = config.model
-    net = MeUNet(1, len(data.split.classes), widths=m.widths, norm=m.norm, checkpointing=m.checkpointing)
+    architecture = MeUNet if m.stage1 == "meunet" else UNet3D
+    net = architecture(
+        1, len(data.split.classes), widths=m.widths, norm=m.norm, checkpointing=m.checkpointing
+    )
     net = net.to(device)
     save_best = partial(save_model_dir, out, meta, net, None, force=True)
     return _fit(1, net, config, data, out, device, log, resume, save_best) > 0
