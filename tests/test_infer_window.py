@@ -177,3 +177,16 @@ def test_tta_equals_flip_average():
 def test_labels_from_scores_is_argmax():
     scores = np.random.default_rng(5).normal(size=(4, 3, 5, 6)).astype(np.float32)
     np.testing.assert_array_equal(labels_from_scores(scores), np.argmax(scores, 0))
+
+
+def test_bf16_autocast_runs_in_lower_precision():
+    net = _net()
+    volume = np.random.default_rng(6).normal(size=(20, 24, 24)).astype(np.float32)
+    scores = {
+        p: np.concatenate(
+            [s.copy() for _, s in SlidingWindow((16, 16, 16), precision=p).stream(net, [volume], 3)], 1
+        )
+        for p in ("fp32", "bf16")
+    }
+    assert not np.array_equal(scores["fp32"], scores["bf16"])  # autocast did change the arithmetic
+    np.testing.assert_allclose(scores["bf16"], scores["fp32"], atol=0.05)

@@ -197,7 +197,7 @@ class SlidingWindow:
             covering [start_z, Z). Blended logits (weighted mean), or vote fractions for ``vote``. The array
             is a view into the engine's buffer, valid until the next slab is requested.
         """
-        inputs = [i if isinstance(i, Input) else Input(i) for i in inputs]
+        inputs = [_as_input(i) for i in inputs]
         shape = tuple(inputs[0].array.shape[-3:])
         if any(tuple(i.array.shape[-3:]) != shape for i in inputs):
             raise ValueError(f"inputs differ in spatial shape: {[tuple(i.array.shape) for i in inputs]}")
@@ -212,13 +212,13 @@ class SlidingWindow:
         weight_sum = np.zeros((wz, *padded[1:]), np.float32)
         caches = [_SlabCache(i.array, wz) for i in inputs]
         skip_out = None if skip_below is None else self._skip_output(skip_logits)
-        bar = tqdm(total=len(rows) * len(ys) * len(xs), disable=not progress, unit="window")
+        row = list(itertools.product(ys, xs))  # batches do not span rows of windows
+        bar = tqdm(total=len(rows) * len(row), disable=not progress, unit="window")
         for k, i in enumerate(rows):
             z0 = zs[i]
             if k:
                 _shift(acc, weight_sum, z0 - zs[rows[k - 1]])
             raw = [c.advance(z0, min(z0 + wz, shape[0])) for c in caches]
-            row = list(itertools.product(ys, xs))
             for b in range(0, len(row), self.batch):
                 batch = row[b : b + self.batch]
                 self._run_batch(net, inputs, raw, batch, acc, weight_sum, skip_below, skip_out, counts)
@@ -236,8 +236,7 @@ class SlidingWindow:
     ) -> np.ndarray:
         """Whole-volume uint8 labels (Z, Y, X) in memory: :meth:`stream` followed by argmax (for blocks of a
         Dask array, tests, small volumes). ``kwargs`` go to :meth:`stream`."""
-        first = inputs[0].array if isinstance(inputs[0], Input) else inputs[0]
-        out = np.empty(tuple(first.shape[-3:]), np.uint8)
+        out = np.empty(tuple(_as_input(inputs[0]).array.shape[-3:]), np.uint8)
         for z0, scores in self.stream(net, inputs, n_out, **kwargs):
             out[z0 : z0 + scores.shape[1]] = labels_from_scores(scores)
         return out
@@ -248,7 +247,7 @@ class SlidingWindow:
         for y0, x0 in batch:
             counts.windows += 1
             crops = [r[:, :, y0 : y0 + self.window[1], x0 : x0 + self.window[2]] for r in raw]
-            if skip_out is not None and (crops[0].size == 0 or crops[0].max() < skip_below):
+            if skip_out is not None and crops[0].max() < skip_below:
                 counts.skipped += 1
                 self._add(acc, weight_sum, y0, x0, skip_out[:, None, None, None] * self._weights)
                 continue
@@ -297,6 +296,10 @@ class SlidingWindow:
         if self.blend == "vote":
             return (np.arange(len(logits)) == np.argmax(logits)).astype(np.float32)
         return logits
+
+
+def _as_input(value: Input | np.ndarray) -> Input:
+    return value if isinstance(value, Input) else Input(value)
 
 
 class _SlabCache:
