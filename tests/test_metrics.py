@@ -81,3 +81,32 @@ def test_hd95_empty_and_by_hand():
     assert evaluate_labels(pred, truth, n_classes=2)["classes"][1]["hd95_mm"] == float("inf")
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         evaluate_labels(truth * 2, truth, n_classes=2)
+
+
+def test_float_label_files_accepted_when_whole():
+    truth, pred = _blobs(4), _blobs(5)
+    as_float = evaluate_labels(pred.astype(np.float32), truth.astype(np.float64))
+    assert as_float == evaluate_labels(pred, truth)
+    with pytest.raises(ValueError, match="prediction labels must be whole numbers"):
+        evaluate_labels(pred + np.float32(0.5), truth)
+
+
+def test_real_fly_labels_hd95_matches_monai(real_data):
+    monai_metrics = pytest.importorskip("monai.metrics", reason="MONAI is not installed")
+    from scipy import ndimage
+
+    from meunet.io import read_volume
+
+    truth = read_volume(real_data / "qim3d" / "fly_150x256x256_silver3.tif").array[50:90, 40:200, 40:200]
+    pred = ndimage.median_filter(truth, 5)  # a plausible, different segmentation of the same fly
+    spacing = (1.0, 0.7, 0.7)
+    result = evaluate_labels(pred, truth, spacing, slab=16)
+
+    def one_hot(labels):
+        return torch.nn.functional.one_hot(torch.from_numpy(labels).long(), 3).permute(3, 0, 1, 2)[None]
+
+    hd95 = monai_metrics.compute_hausdorff_distance(
+        one_hot(pred), one_hot(truth), percentile=95, spacing=spacing
+    )
+    np.testing.assert_allclose([c["hd95_mm"] for c in result["classes"][1:]], hd95[0].numpy(), rtol=1e-5)
+    assert all(0 < c["dice"] < 1 for c in result["classes"])

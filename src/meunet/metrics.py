@@ -123,8 +123,8 @@ def evaluate_labels(
     paper-size volume evaluates in bounded memory.
 
     Args:
-        pred, truth: (Z, Y, X) integer label volumes (numpy or lazy arrays sliced along z), values in
-            [0, 255].
+        pred, truth: (Z, Y, X) label volumes (numpy or lazy arrays sliced along z), values whole numbers
+            in [0, 255] (float dtypes accepted, as NIfTI label files often are).
         spacing_mm: voxel size (z, y, x) in millimetres.
         n_classes: number of classes; None takes the largest label present plus one.
         slab: slices per read.
@@ -136,16 +136,13 @@ def evaluate_labels(
         volume_mm3_pred, volume_mm3_truth``.
 
     Raises:
-        ValueError: different shapes, non-integer labels, or labels outside [0, n_classes); the message
+        ValueError: different shapes, fractional labels, or labels outside [0, n_classes); the message
             starts with ``prediction`` or ``truth`` where it concerns one of them.
     """
     if tuple(pred.shape) != tuple(truth.shape) or len(pred.shape) != 3:
         raise ValueError(
             f"prediction shape {tuple(pred.shape)} differs from truth shape {tuple(truth.shape)}"
         )
-    for array, name in ((pred, "prediction"), (truth, "truth")):
-        if not np.issubdtype(np.dtype(array.dtype), np.integer):
-            raise ValueError(f"{name} labels must be integers, not {np.dtype(array.dtype)}")
     limit = 256 if n_classes is None else n_classes
     depth = pred.shape[0]
     confusion = np.zeros((limit, limit), np.int64)
@@ -173,7 +170,10 @@ def evaluate_labels(
 
 
 def _slab_labels(array, lo: int, hi: int, limit: int, name: str) -> np.ndarray:
+    """Slices [lo, hi) as uint8, checked: integers (float files must hold whole numbers) in [0, limit)."""
     labels = np.asarray(array[lo:hi])
+    if not np.issubdtype(labels.dtype, np.integer) and not np.array_equal(labels, np.round(labels)):
+        raise ValueError(f"{name} labels must be whole numbers, found fractional or NaN values")
     if labels.size and (labels.min() < 0 or labels.max() >= limit):
         raise ValueError(
             f"{name} label values must lie in [0, {limit}), found {labels.min()}..{labels.max()}"
@@ -231,7 +231,7 @@ def evaluate(
         :func:`evaluate_labels`' dict, each class entry with its ``name`` added.
 
     Raises:
-        InputError: unreadable volumes, different shapes, non-integer or out-of-range labels, existing
+        InputError: unreadable volumes, different shapes, fractional or out-of-range labels, existing
             outputs.
     """
     from meunet.io import open_volume
