@@ -138,6 +138,10 @@ def test_bad_inputs_are_input_errors(models, tmp_path):
     two = _model_dir(tmp_path / "two", in_channels=2)
     with pytest.raises(InputError, match="2 input channels"):
         predict(two, image, tmp_path / "a.npy", progress=False)
+    with pytest.raises(InputError, match="unknown blend 'median'"):
+        predict(models["single"], image, tmp_path / "a.npy", blend="median", progress=False)
+    with pytest.raises(InputError, match="cannot use 'nodevice'"):
+        predict(models["single"], image, tmp_path / "a.npy", device="nodevice", progress=False)
     (tmp_path / "exists.npy").write_bytes(b"x")
     with pytest.raises(InputError, match="exists"):
         predict(models["single"], image, tmp_path / "exists.npy", progress=False)

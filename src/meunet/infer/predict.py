@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+import torch
 import zarr
 
 from meunet.data.normalization import Normalization
@@ -138,6 +139,7 @@ def predict(
     for path in (output, probabilities, stats_json):
         if path is not None and Path(path).exists() and not force:
             raise InputError(path, "output exists; use --force to overwrite it")
+    _check_device(device)
     bundle = load_model_dir(model_dir, device)
     volume = open_volume(input)
     if bundle.meta["in_channels"] != 1:
@@ -149,7 +151,7 @@ def predict(
             tuple(window or bundle.meta["window"]), overlap, blend, batch, device, precision, tta
         )
     except ValueError as exc:
-        raise InputError(model_dir, f"bad prediction settings: {exc}") from None
+        raise InputError("settings", str(exc)) from None
     estimate = estimate_peak_bytes(bundle, engine, volume, probabilities is not None)
     _check_memory(
         input, estimate, force, progress, f"{tuple(volume.array.shape)} voxels, window {engine.window}"
@@ -198,6 +200,14 @@ def predict(
     if stats_json is not None:
         _write_json(Path(stats_json), stats)
     return stats
+
+
+def _check_device(device: str) -> None:
+    """InputError unless torch can put a tensor on ``device``."""
+    try:
+        torch.zeros(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise InputError("--device", f"cannot use {device!r}: {str(exc).splitlines()[0]}") from None
 
 
 def _check_memory(input, estimate: int, force: bool, progress: bool, what: str) -> None:
