@@ -116,6 +116,37 @@ def convert(
     write_volume(target, open_volume(source, spacing), chunks=chunks, force=force, progress=True)
 
 
+@app.command("synth")
+def synth_command(
+    kind: str = typer.Argument(..., help="fly (gut, crop) or porous (matrix, inclusions)."),
+    out_dir: Path = typer.Argument(..., help="Folder for img_000.*, lab_000.*, ... and dataset.json."),
+    count: int = typer.Option(6, "--count", help="Number of volumes."),
+    shape: tuple[int, int, int] | None = typer.Option(
+        None, "--shape", metavar="Z Y X", help="Volume shape (default 192 96 96 fly, 128 128 128 porous)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data set; volume seeds are drawn from it."),
+    physics: bool = typer.Option(False, "--physics", help="Radon projections, Poisson counts, FBP."),
+    snr: float | None = typer.Option(None, "--snr", help="Tissue contrast over noise (default 10)."),
+    fmt: str = typer.Option("nii.gz", "--format", help="nii.gz, nii, tif or zarr."),
+    uint16: bool = typer.Option(False, "--uint16", help="16-bit images instead of 8-bit."),
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, help="Processes for --physics (default ≤ 4)."
+    ),
+    preview: bool = typer.Option(False, "--preview", help="Also write preview.png of the first volume."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a data set in OUT_DIR."),
+) -> None:
+    """Generate synthetic microCT volumes with ground-truth labels, slab by slab (any size)."""
+    from meunet.synth import generate_dataset
+
+    path = generate_dataset(
+        out_dir, kind=kind, count=count, shape=shape, seed=seed, physics=physics, snr=snr, fmt=fmt,
+        force=force, dtype="uint16" if uint16 else "uint8", workers=workers, progress=not no_progress,
+        preview=preview,
+    )  # fmt: skip
+    typer.echo(f"wrote {count} {kind} volumes and {path}")
+
+
 bench_app = typer.Typer(help="Measurements of design section 4 (memory, speed).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 

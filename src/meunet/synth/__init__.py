@@ -1,0 +1,26 @@
+"""Synthetic microCT with ground truth: a fly (gut, crop) and a porous material sample, any size.
+
+Phantoms are analytic shapes evaluated slab by slab, acquired by an image-space model (default) or a
+projection model (``physics``), and written slab by slab, so memory does not grow with the volume.
+See ``docs/synth.md``.
+"""
+
+from meunet.synth.acquisition import Acquisition
+from meunet.synth.dataset import (
+    fly_phantom,
+    generate_dataset,
+    iter_volume,
+    make_phantom,
+    porous_phantom,
+    synthesize,
+)
+
+__all__ = [
+    "Acquisition",
+    "fly_phantom",
+    "generate_dataset",
+    "iter_volume",
+    "make_phantom",
+    "porous_phantom",
+    "synthesize",
+]
