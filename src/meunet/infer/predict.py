@@ -32,6 +32,7 @@ from meunet.io import Volume, VolumeWriter, create_writer, open_volume
 
 SKIP_MARGIN = 10.0  # a skipped window's logits: 0 for background, -SKIP_MARGIN for the others
 ACTIVATION_FACTOR = 9  # inference activations ~ this x top width x window voxels x 4 bytes (measured, CPU)
+RUNTIME_BYTES = 64 << 20  # thread pools and allocator caches that the first forward pass and writes add
 
 
 class ProbabilityWriter(VolumeWriter):
@@ -301,7 +302,8 @@ def predict_stage1(
 def estimate_peak_bytes(bundle, engine: SlidingWindow, volume: Volume, probabilities: bool) -> int:
     """Estimated peak resident memory of :func:`predict`, in bytes.
 
-    The sum of: this process's resident memory now (interpreter, torch, model weights); the engine's
+    The sum of: this process's resident memory now (interpreter, torch, model weights) plus
+    ``RUNTIME_BYTES`` for thread pools and allocator caches; the engine's
     accumulators (classes + 1 float32 maps of ``window_z x Y x X``) and raw input slabs (image, plus stage-1
     float16 output for a cascade); one batch of windows in and out; network activations (about
     ``ACTIVATION_FACTOR`` float32 maps of the top level's width per window voxel, measured on CPU); and the
@@ -324,7 +326,7 @@ def estimate_peak_bytes(bundle, engine: SlidingWindow, volume: Volume, probabili
     out_depth = wz + 64
     outputs = out_depth * plane * (1 + (2 * n_classes + 8 if probabilities or stage1_channels else 0))
     now = psutil.Process().memory_info().rss
-    return int(now + accumulators + input_slabs + batch + activations + outputs)
+    return int(now + RUNTIME_BYTES + accumulators + input_slabs + batch + activations + outputs)
 
 
 def peak_rss_bytes() -> int:
