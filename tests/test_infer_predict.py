@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -135,6 +136,13 @@ def test_bad_inputs_are_input_errors(models, tmp_path):
     (broken / "model.json").write_text("{not json")
     with pytest.raises(InputError, match="unreadable"):
         predict(broken, image, tmp_path / "a.npy", progress=False)
+    no_norm = tmp_path / "no_norm"
+    shutil.copytree(models["single"], no_norm)
+    meta = json.loads((no_norm / "model.json").read_text())
+    del meta["normalization"]
+    (no_norm / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="no valid 'normalization'"):
+        predict(no_norm, image, tmp_path / "a.npy", progress=False)
     two = _model_dir(tmp_path / "two", in_channels=2)
     with pytest.raises(InputError, match="2 input channels"):
         predict(two, image, tmp_path / "a.npy", progress=False)

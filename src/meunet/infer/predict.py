@@ -147,17 +147,21 @@ def predict(
         raise InputError(
             input, f"the model expects {bundle.meta['in_channels']} input channels, the image has 1"
         )
+    window = window or bundle.meta.get("window")
+    if window is None:
+        raise InputError(Path(model_dir) / "model.json", "no default 'window': give one (--window Z Y X)")
     try:
-        engine = SlidingWindow(
-            tuple(window or bundle.meta["window"]), overlap, blend, batch, device, precision, tta
-        )
+        engine = SlidingWindow(tuple(window), overlap, blend, batch, device, precision, tta)
     except ValueError as exc:
         raise InputError("settings", str(exc)) from None
+    try:
+        normalization = Normalization.from_dict(bundle.meta["normalization"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(Path(model_dir) / "model.json", f"no valid 'normalization' ({exc!r})") from None
     estimate = estimate_peak_bytes(bundle, engine, volume, probabilities is not None)
     _check_memory(
         input, estimate, force, progress, f"{tuple(volume.array.shape)} voxels, window {engine.window}"
     )
-    normalization = Normalization.from_dict(bundle.meta["normalization"])
     image = Input(volume.array, normalization.apply)
     n_classes = len(bundle.classes)
     skip = _skip_settings(normalization, n_classes, air_threshold) if skip_empty else {}
