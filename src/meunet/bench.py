@@ -9,7 +9,7 @@ For each configuration one training step (forward, W_D loss, backward) is run an
 - ``peak_bytes``: the step's peak memory above the built model and its inputs. CUDA:
   ``torch.cuda.max_memory_allocated`` minus what was allocated before the step. CPU: the peak resident set
   size of a fresh subprocess running the step minus that of a fresh subprocess that only builds the model and
-  inputs. ``None`` on ``meta``.
+  inputs, both counted from after their imports (Linux). ``None`` on ``meta``.
 - ``step_seconds``: wall time of one step after one warm-up step; ``None`` on ``meta``.
 - ``params``: trainable parameters (for a cascade, stage 2 and the fusion; stage 1 is frozen).
 
@@ -222,15 +222,32 @@ def measure_step(config: str, setting: StepSetting) -> dict[str, Any]:
     }
 
 
+_PROC = Path("/proc/self")
+
+
+def _reset_peak_rss() -> None:
+    """Start the peak-RSS count afresh (Linux: ``clear_refs`` 5); elsewhere the peak since start stays."""
+    if (_PROC / "clear_refs").exists():
+        (_PROC / "clear_refs").write_text("5")
+
+
 def _peak_rss_bytes() -> int:
-    """Peak resident set size of this process (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    """Peak resident set size of this process: ``VmHWM`` on Linux, else ``ru_maxrss`` (bytes on macOS)."""
+    if (_PROC / "status").exists():
+        for line in (_PROC / "status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _child() -> None:
-    """Subprocess entry: ``argv[1]`` = JSON {"build_only": bool, "config": str, "setting": StepSetting}."""
+    """Subprocess entry: ``argv[1]`` = JSON {"build_only": bool, "config": str, "setting": StepSetting}.
+
+    The peak is counted from after the imports, whose transient peak would otherwise hide a small step.
+    """
     import torch._dynamo  # noqa: F401  (checkpointing imports it lazily: load it in both kinds of child)
 
+    _reset_peak_rss()
     request = json.loads(sys.argv[1])
     setting = StepSetting(**{**request["setting"], "widths": tuple(request["setting"]["widths"])})
     if request["build_only"]:

@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from meunet.models.meunet import MeUNet
 from meunet.models.unet import ConvStage, UNet3D
 
 FUSIONS = ("post", "pre")
@@ -26,13 +25,13 @@ class Cascade(nn.Module):
     decoder features (w0 channels). :attr:`stage1_channels` says how many, for caching.
 
     Args:
-        stage1: trained stage 1; its parameters are frozen here.
+        stage1: trained stage 1 (a :class:`MeUNet`, or a plain :class:`UNet3D` baseline); frozen here.
         stage2: the stage-2 U-net.
         fusion: ``"post"`` or ``"pre"``.
         stage1_output: ``"probs"`` or ``"features"``.
     """
 
-    def __init__(self, stage1: MeUNet, stage2: UNet3D, fusion: str = "post", stage1_output: str = "probs"):
+    def __init__(self, stage1: UNet3D, stage2: UNet3D, fusion: str = "post", stage1_output: str = "probs"):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {fusion!r}")
@@ -86,7 +85,7 @@ class Cascade(nn.Module):
         return self.stage2.head(self.stage2.run_stage(self.fuse, torch.cat([features, s1], dim=1)))
 
 
-def build_cascade(stage1: MeUNet, spec: dict[str, Any]) -> Cascade:
+def build_cascade(stage1: UNet3D, spec: dict[str, Any]) -> Cascade:
     """A :class:`Cascade` from its :attr:`Cascade.spec` dict (``model.json``'s ``stage2``) and stage 1."""
     spec = dict(spec)
     fusion, stage1_output = spec.pop("fusion"), spec.pop("stage1_output")
