@@ -20,16 +20,18 @@ CLASSES = ("background", "gut", "crop")
 # Intensities before acquisition (0 = black, 1 = white), jittered per fly.
 LEVELS = {
     "air": 0.08,
-    "tissue": 0.42,
-    "cuticle": 0.80,
-    "gut_wall": 0.53,
-    "lumen": 0.28,
-    "crop": 0.36,
-    "crop_wall": 0.56,
-    "brain": 0.49,
-    "eye": 0.58,
-    "organ": 0.50,
-    "trachea": 0.14,
+    "tissue": 0.38,
+    "muscle": 0.46,
+    "fat": 0.5,
+    "cuticle": 0.85,
+    "gut_wall": 0.56,
+    "lumen": 0.24,
+    "crop": 0.3,
+    "crop_wall": 0.6,
+    "brain": 0.5,
+    "eye": 0.62,
+    "organ": 0.47,
+    "trachea": 0.12,
 }
 
 
@@ -84,9 +86,16 @@ class Fly:
         return img, labels
 
     def _noise(self, box, z0: int, cell: float, tag: int) -> np.ndarray:
+        """Value noise in about [-1, 1] on a slab box: three octaves from ``cell`` down, so that its level
+        sets are irregular blobs rather than lattice squares."""
         zs, ys, xs = box
-        rng_y, rng_x = (ys.start, ys.stop), (xs.start, xs.stop)
-        return value_noise(zs.start + z0, zs.stop + z0, rng_y, rng_x, self.shape[1:], cell, (self.seed, tag))
+        ranges = (zs.start + z0, zs.stop + z0, (ys.start, ys.stop), (xs.start, xs.stop), self.shape[1:])
+        out = None
+        for octave, (size, amp) in enumerate(((1.0, 1.0), (0.5, 0.5), (0.25, 0.25))):
+            part = value_noise(*ranges, max(cell * size, 1.2), (self.seed, tag, octave))
+            part *= np.float32(amp)
+            out = part if out is None else out + part
+        return out
 
     def _draw_body(self, img: np.ndarray, box, z0: int) -> np.ndarray:
         """Tissue, organs and cuticle inside the body box; returns the body mask on the box."""
@@ -94,41 +103,40 @@ class Fly:
         sdf = [e.sdf(box, z0) for e in self.body]
         body = _join(*sdf, self.blend)
         inside = body < 0
-        coarse = max(0.05 * length, 3.0)
-        tissue = lv["tissue"] * (
-            1.0
-            + 0.10 * self._noise(box, z0, coarse, 1)
-            + 0.07 * self._noise(box, z0, max(0.015 * length, 2.0), 2)
-        )
-        # Flight muscle in the thorax: bundles along the body axis, a grid of stripes in cross-section.
+        coarse, fine = max(0.05 * length, 3.0), max(0.015 * length, 2.0)
+        mottle = self._noise(box, z0, coarse, 1)
+        tissue = lv["tissue"] * (1.0 + 0.15 * mottle + 0.08 * self._noise(box, z0, fine, 2))
+        # Flight muscle filling the thorax: bundles along the body axis, a grid of stripes in cross-section.
         fibre = max(0.035 * length, 3.0)
         coords = box_coords(box, z0)
         v = sum(np.float32(self.frame[i, 1]) * coords[i] for i in range(3)) / fibre
         w = sum(np.float32(self.frame[i, 2]) * coords[i] for i in range(3)) / fibre
         del coords
-        bundles = np.sin(2 * np.pi * v + 2.0 * self._noise(box, z0, coarse, 3)) * np.sin(2 * np.pi * w)
+        bundles = np.sin(2 * np.pi * v + 2.0 * mottle) * np.sin(2 * np.pi * w)
         del v, w
-        muscle = sdf[1] < -2.5 * self.cuticle
-        tissue[muscle] *= 1.0 + 0.09 * np.sign(bundles[muscle]) * np.abs(bundles[muscle]) ** 0.5
+        muscle = sdf[1] < -2.0 * self.cuticle
+        tissue[muscle] = lv["muscle"] * (
+            1.0 + 0.2 * np.sign(bundles[muscle]) * np.abs(bundles[muscle]) ** 0.5
+        )
         del bundles, muscle
-        # Fat body under the abdominal wall: brighter blobs.
-        fat = (sdf[2] > -0.04 * length) & (self._noise(box, z0, max(0.012 * length, 2.0), 4) > 0.25)
-        tissue[fat] *= 1.15
+        # Fat body under the abdominal wall: bright lobules; body cavities and air sacs: dark pockets.
+        fat = (sdf[2] > -0.05 * length) & (self._noise(box, z0, fine, 4) > 0.2)
+        tissue[fat] = lv["fat"]
         for index, organ in enumerate(self.organs):
             inner = organ.sdf(box, z0) < 0
-            chambers = self._noise(box, z0, max(0.03 * length, 2.5), 10 + index)
-            tissue[inner] = lv["organ"] * (1.0 + 0.12 * chambers[inner])
+            chambers = self._noise(box, z0, max(0.025 * length, 2.5), 10 + index)
+            tissue[inner] = lv["organ"] * (1.0 + 0.3 * chambers[inner])
         tissue[self.brain.sdf(box, z0) < 0] = lv["brain"]
         grain = self._noise(box, z0, 1.5, 5)
         for eye in self.eyes:
             inner = eye.sdf(box, z0) < 0
-            tissue[inner] = lv["eye"] * (1.0 + 0.15 * grain[inner])
+            tissue[inner] = lv["eye"] * (1.0 + 0.2 * grain[inner])
         del grain
-        shell = body > -self.cuticle
-        tissue[shell] = lv["cuticle"] * (1.0 + 0.05 * self._noise(box, z0, coarse, 6)[shell])
+        tissue[mottle < -0.75] = lv["trachea"]
         trachea, _ = self.tracheae.sdf(box[0].start + z0, box[0].stop + z0, self.shape[1:])
-        trachea = trachea[:, box[1], box[2]] < 0
-        tissue[trachea & ~shell] = lv["trachea"]
+        tissue[trachea[:, box[1], box[2]] < 0] = lv["trachea"]
+        shell = body > -self.cuticle
+        tissue[shell] = lv["cuticle"] * (1.0 + 0.08 * mottle[shell])
         region = img[box]
         region[inside] = tissue[inside]
         return inside
@@ -157,10 +165,14 @@ class Fly:
         labels[in_crop] = 2
         in_gut = gut < 0
         if in_gut.any():
+            # Epithelium: granular, brightest at the outer rim; lumen: dark, with brighter food particles.
             depth = -gut[in_gut] / self.gut.radii[nearest[in_gut]]
-            grain = value_noise(z0, z1, (0, shape_yx[0]), (0, shape_yx[1]), shape_yx, 1.7, (self.seed, 7))
-            wall_level = lv["gut_wall"] * (1.0 + 0.16 * grain[in_gut])
-            img[in_gut] = np.where(depth > 1.0 - self.lumen_fraction, lv["lumen"], wall_level)
+            grain = value_noise(z0, z1, (0, shape_yx[0]), (0, shape_yx[1]), shape_yx, 1.7, (self.seed, 7))[
+                in_gut
+            ]
+            epithelium = lv["gut_wall"] * (1.0 + 0.18 * grain + 0.12 * (depth < 0.25))
+            food = lv["lumen"] * (1.0 + 0.6 * np.maximum(grain - 0.3, 0.0))
+            img[in_gut] = np.where(depth > 1.0 - self.lumen_fraction, food, epithelium)
         labels[in_gut] = 1
 
     def _draw_appendages(self, img: np.ndarray, inside: np.ndarray, z0: int, z1: int) -> None:
@@ -304,7 +316,7 @@ def _midgut(plan: _Plan, rng: np.random.Generator, r_mid: float, margin: float) 
     thetas = np.pi / 2 + np.arange(n_pass) * 2 * np.pi / n_pass + rng.uniform(-0.15, 0.15, n_pass)
     rhos = rng.uniform(0.7, 0.85, n_pass)
     keep = r_mid + margin
-    points, radii = [plan.abdomen(0.9, 0.7, thetas[0], keep)], [0.8 * r_mid]
+    points, radii = [plan.abdomen(0.85, 0.6, thetas[0], keep)], [0.8 * r_mid]
     ends = [rng.uniform(reach - 0.05, reach + 0.05)]  # pass j runs from ends[j] to ends[j + 1]
     for j in range(n_pass):
         if j % 2 == 0:
@@ -329,7 +341,7 @@ def _midgut(plan: _Plan, rng: np.random.Generator, r_mid: float, margin: float) 
                 plan.abdomen(t1 + (-0.05 if j % 2 == 0 else 0.05), rho, thetas[j] + dtheta / 2, keep)
             )
             radii.append(r_mid * rng.uniform(0.8, 1.2))
-    points.append(plan.abdomen(-0.9, 0.0, 0.0, keep))
+    points.append(plan.abdomen(-0.85, 0.0, 0.0, keep))
     radii.append(0.6 * r_mid)
     return points, radii
 
@@ -368,8 +380,11 @@ def _violations(body, cuticle, gut, gut_r, duct, duct_r, lobes, branch, gap, rng
     count += int(np.any(_body_distance(body, gut) > -(gut_r + cuticle + 0.5)))
     crop = np.min([e.sdf_at(*gut.T) for e in lobes], axis=0)
     count += int(np.any(crop < gut_r + gap))
-    far = np.linalg.norm(gut - branch, axis=1) > 3 * (gut_r.max() + duct_r.max() + gap)
-    count += int(np.any(cKDTree(duct).query(gut[far])[0] < gut_r[far] + duct_r.max() + gap))
+    # Past the branch, the duct keeps clear of the whole gut (no re-entry into the foregut).
+    reach = float(gut_r[cKDTree(gut).query(branch)[1]]) + 2 * float(duct_r.max()) + gap
+    past = duct[np.linalg.norm(duct - branch, axis=1) > reach]
+    dist, index = cKDTree(gut).query(past)
+    count += int(np.any(dist < gut_r[index] + duct_r.max() + gap))
     surface = _ellipsoid_surface(lobes, rng)
     count += int(np.any(_body_distance(body, surface) > -(cuticle + 1.0)))
     return count
@@ -388,12 +403,12 @@ def design_fly(shape: tuple[int, int, int], seed: int, lumen: bool = True) -> Fl
     scale = plan.scale
     body = tuple(plan.ellipsoid(*part) for part in plan.parts)
     blend = 0.03 * scale
-    cuticle = max(1.2, 0.004 * scale)
+    cuticle = max(1.5, 0.007 * scale)
     levels = {k: v * rng.uniform(0.94, 1.06) for k, v in LEVELS.items()}
     gain = rng.uniform(0.9, 1.1)
     levels = {k: v if k == "air" else levels["air"] + gain * (v - levels["air"]) for k, v in levels.items()}
 
-    step, min_r = 0.5, 1.3
+    step, min_r = 0.5, 2.0  # the duct (at least 1.5) stays thinner than the foregut it leaves
     margin = (cuticle + 1.5) / scale
     crop_theta = -np.pi / 2 + rng.uniform(-0.3, 0.3)
     best = None
@@ -406,14 +421,9 @@ def design_fly(shape: tuple[int, int, int], seed: int, lumen: bool = True) -> Fl
             plan.world(np.vstack([way, mid])), np.maximum(scale * np.append(way_r, mid_r), min_r), step
         )
         lobes, duct_end = _crop_lobes(plan, rng, crop_theta, margin)
-        duct_way = [
-            way[3],
-            plan.part(1, [-0.4, 0.0, -0.6]),
-            plan.abdomen(0.9, 0.8, crop_theta, margin),
-            duct_end,
-        ]
+        duct_way = [way[3], plan.part(1, [0.25, 0.0, -0.5]), plan.part(1, [-0.4, 0.0, -0.65]), duct_end]
         duct_way = plan.world(np.array(duct_way))
-        duct, duct_r = _curve(duct_way, np.full(4, max(0.27 * scale * r_mid, 1.0)), step)
+        duct, duct_r = _curve(duct_way, np.full(len(duct_way), max(0.3 * scale * r_mid, 1.5)), step)
         bad = _violations(body, cuticle, gut, gut_r, duct, duct_r, lobes, duct_way[0], gap, rng)
         if best is None or bad < best[0]:
             best = (bad, gut, gut_r, duct, duct_r, lobes)
