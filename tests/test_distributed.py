@@ -172,27 +172,35 @@ def test_cascade_blocks_equal_single_process_prediction(tmp_path):
     np.testing.assert_array_equal(got, expected)
 
 
-def test_folder_of_volumes_on_two_workers_equals_single_process(data, client, tmp_path):
+@pytest.fixture(scope="module")
+def folder_run(data, client, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The folder of two images predicted on the cluster: (output folder, statistics)."""
+    out = tmp_path_factory.mktemp("folder_run") / "out"
+    stats = predict_distributed(
+        data["model"], data["images"], out, client, chunks=CHUNKS, block=BLOCK, progress=False
+    )
+    return out, stats
+
+
+def test_folder_of_volumes_on_two_workers_equals_single_process(data, folder_run, tmp_path):
     pairs = volume_pairs(data["images"], tmp_path / "out")
     assert [(i.name, o.name) for i, o in pairs] == [("a.zarr", "a.zarr"), ("b.nii.gz", "b.zarr")]
-    stats = predict_distributed(data["model"], pairs, client, chunks=CHUNKS, block=BLOCK, progress=False)
+    out, stats = folder_run
     for name, s in zip("ab", stats, strict=True):
         expected = _reference(data, name)
         assert len(np.unique(expected)) == 3
-        np.testing.assert_array_equal(_labels(tmp_path / "out" / f"{name}.zarr"), expected)
+        np.testing.assert_array_equal(_labels(out / f"{name}.zarr"), expected)
         assert s["blocks"] == 20 and s["blocks_reused"] == 0
         assert s["windows"] == sum(_windows_per_block(expected.shape, BLOCK))
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.zarr", "b.zarr"]  # no scratch left
-    out = read_volume(tmp_path / "out" / "a.zarr")
-    assert out.spacing == (0.5, 0.25, 0.25)
+    assert sorted(p.name for p in out.iterdir()) == ["a.zarr", "b.zarr"]  # no scratch left
+    assert read_volume(out / "a.zarr").spacing == (0.5, 0.25, 0.25)
 
 
-def test_ome_zarr_labels_pyramid_opens_with_the_ome_zarr_reader(data, client, tmp_path):
+def test_ome_zarr_labels_pyramid_opens_with_the_ome_zarr_reader(folder_run):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Label, Multiscales, Reader
 
-    out = tmp_path / "a.zarr"
-    predict_distributed(data["model"], [(data["a"], out)], client, chunks=CHUNKS, block=BLOCK, progress=False)
+    out = folder_run[0] / "a.zarr"
     node = next(iter(Reader(parse_url(str(out)))()))
     assert {type(s) for s in node.specs} >= {Label, Multiscales}
     levels = [np.asarray(level) for level in node.data]
@@ -225,7 +233,7 @@ def test_worker_killed_mid_run_does_not_change_the_output(data, client, tmp_path
     def run():
         try:
             result["stats"] = predict_distributed(
-                data["model"], [(data["a"], out)], client, chunks=CHUNKS, block=BLOCK, progress=False
+                data["model"], data["a"], out, client, chunks=CHUNKS, block=BLOCK, progress=False
             )
         except Exception as exc:  # reported by the assertion below
             result["error"] = exc
@@ -250,10 +258,9 @@ def test_run_resumed_after_the_client_died_skips_written_blocks(data, client, tm
     out = tmp_path / "a.zarr"
     script = textwrap.dedent(
         f"""
-        from meunet.distributed import connect, predict_distributed
-        with connect({client.scheduler.address!r}) as client:
-            predict_distributed({str(data["model"])!r}, [({str(data["a"])!r}, {str(out)!r})], client,
-                                chunks={CHUNKS}, block={BLOCK}, progress=False)
+        from meunet.distributed import predict_distributed
+        predict_distributed({str(data["model"])!r}, {str(data["a"])!r}, {str(out)!r},
+                            {client.scheduler.address!r}, chunks={CHUNKS}, block={BLOCK}, progress=False)
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script])
@@ -270,11 +277,11 @@ def test_run_resumed_after_the_client_died_skips_written_blocks(data, client, tm
     assert 0 < len(before) < 20 and not out.exists()
     with pytest.raises(InputError, match="another model, input or settings"):
         predict_distributed(
-            data["model"], [(data["a"], out)], client, blend="constant", chunks=CHUNKS, block=BLOCK,
+            data["model"], data["a"], out, client, blend="constant", chunks=CHUNKS, block=BLOCK,
             progress=False, resume=True,
         )  # fmt: skip
     [stats] = predict_distributed(
-        data["model"], [(data["a"], out)], client, chunks=CHUNKS, block=BLOCK, progress=False, resume=True
+        data["model"], data["a"], out, client, chunks=CHUNKS, block=BLOCK, progress=False, resume=True
     )
     per_block = dict(zip(_block_names(), _windows_per_block(SHAPE, BLOCK), strict=True))
     assert stats["blocks_reused"] == len(before)
@@ -286,14 +293,27 @@ def _block_names() -> list[str]:
     return ["_".join(f"{lo}-{hi}" for lo, hi in core) for core in plan_blocks(SHAPE, BLOCK)]
 
 
-def test_bad_scheduler_and_output_are_input_errors(data, client, tmp_path):
-    with pytest.raises(InputError, match="local:N"), connect("local:two"):
-        pass
-    with pytest.raises(InputError, match=r"ending in \.zarr"):
-        predict_distributed(data["model"], [(data["a"], tmp_path / "a.nii.gz")], client, progress=False)
+def test_cli_predict_dask_on_a_running_scheduler(data, client, cli, tmp_path):
+    out = tmp_path / "a.zarr"
+    result = cli(
+        "predict", data["model"], data["a"], out, "--dask", client.scheduler.address, "--no-progress"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {out}: 1 blocks (0 from an earlier run), 100 windows (0 skipped)")
+    np.testing.assert_array_equal(_labels(out), _reference(data, "a"))
+    result = cli("predict", data["model"], data["a"], tmp_path / "b.zarr", "--dask", "local:two")
+    assert result.exit_code == 2 and result.stderr.startswith("error: local:two: use local:N")
+    result = cli(
+        "predict", data["model"], data["a"], tmp_path / "b.nii.gz", "--dask", client.scheduler.address
+    )
+    assert result.exit_code == 2 and "ending in .zarr" in result.stderr
+    assert not (tmp_path / "b.nii.gz").exists() and not (tmp_path / "b.zarr").exists()
+
+
+def test_existing_output_and_empty_folder_are_input_errors(data, client, tmp_path):
     (tmp_path / "a.zarr").mkdir()
     with pytest.raises(InputError, match="exists"):
-        predict_distributed(data["model"], [(data["a"], tmp_path / "a.zarr")], client, progress=False)
+        predict_distributed(data["model"], data["a"], tmp_path / "a.zarr", client, progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no volumes"):
-        volume_pairs(tmp_path / "empty", tmp_path / "out")
+        predict_distributed(data["model"], tmp_path / "empty", tmp_path / "out", client, progress=False)

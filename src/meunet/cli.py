@@ -240,8 +240,30 @@ def predict_command(
     no_progress: bool = typer.Option(False, "--no-progress", help="No memory line, no progress bars."),
     force: bool = typer.Option(False, "--force", help="Overwrite outputs; ignore the memory estimate."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (e.g. Zarr output)."),
+    dask: str | None = typer.Option(
+        None,
+        "--dask",
+        metavar="SCHEDULER",
+        help="Run on a Dask cluster: a scheduler address, or local:N worker processes. Writes OME-Zarr "
+        "labels with a pyramid; INPUT may be a folder of volumes (OUTPUT is then a folder).",
+    ),
 ) -> None:
     """Segment a volume in bounded memory: sliding windows streamed along z, labels written slab by slab."""
+    if dask is not None:
+        from meunet.distributed import predict_distributed
+
+        if probabilities is not None:
+            raise InputError(probabilities, "--probabilities is not available with --dask")
+        for s in predict_distributed(
+            model_dir, input, output, dask, overlap=overlap, blend=blend, window=window, batch=batch,
+            device=device, precision=precision, skip_empty=skip_empty, air_threshold=air_threshold, tta=tta,
+            stats_json=stats_json, progress=not no_progress, force=force, resume=resume,
+        ):  # fmt: skip
+            typer.echo(
+                f"wrote {s['output']}: {s['blocks']} blocks ({s['blocks_reused']} from an earlier run), "
+                f"{s['windows']} windows ({s['windows_skipped']} skipped), {s['seconds']:.1f} s"
+            )
+        return
     from meunet.infer import predict
 
     stats = predict(

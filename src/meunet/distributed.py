@@ -262,8 +262,9 @@ def default_block(shape: Sequence[int], chunks: Sequence[int], window: Sequence[
 
 def predict_distributed(
     model_dir: str | os.PathLike[str],
-    pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
-    client,
+    input: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    scheduler,
     *,
     overlap: float = 0.5,
     blend: str = "gaussian",
@@ -277,11 +278,12 @@ def predict_distributed(
     chunks: Sequence[int] | None = None,
     block: Sequence[int] | None = None,
     pyramid_levels: int = PYRAMID_LEVELS,
+    stats_json: str | os.PathLike[str] | None = None,
     progress: bool = True,
     force: bool = False,
     resume: bool = False,
 ) -> list[dict[str, Any]]:
-    """Segment volumes on a Dask cluster; each output is an OME-Zarr labels image with a pyramid.
+    """Segment a volume, or a folder of volumes, on a Dask cluster into OME-Zarr labels with a pyramid.
 
     The labels (level ``0``, uint8 (Z, Y, X), the input's geometry) equal those of
     :func:`meunet.infer.predict` with the same settings. The blocks of all volumes are submitted at once,
@@ -289,15 +291,17 @@ def predict_distributed(
 
     Args:
         model_dir: model directory, readable by every worker.
-        pairs: ``(input, output)`` per volume; inputs in any format :func:`meunet.io.open_volume` reads (Zarr,
-            OME-Zarr and .npy are read in place, others are first converted to a Zarr beside the output),
-            outputs ending in ``.zarr``.
-        client: a ``dask.distributed.Client`` (see :func:`connect`).
+        input: a volume in any format :func:`meunet.io.open_volume` reads (Zarr, OME-Zarr and .npy are read
+            in place by the workers, others are first converted to a Zarr beside the output), or a folder of
+            volumes (see :func:`volume_pairs`).
+        output: a path ending in ``.zarr`` for one volume; the output folder for a folder of volumes.
+        scheduler: a ``dask.distributed.Client``, or a scheduler address or ``local:N`` (see :func:`connect`).
         overlap, blend, window, batch, device, precision, skip_empty, air_threshold, tta: as
             :func:`meunet.infer.predict` (``device`` is the workers').
         chunks: (z, y, x) chunk shape of the output (default 64^3, clipped to the volume).
         block: (z, y, x) block core, a multiple of ``chunks`` (default :func:`default_block`).
         pyramid_levels: levels 1.. of the multiscale pyramid, each half the size of the one before.
+        stats_json: write the returned list here.
         progress: show a progress bar over blocks.
         force: overwrite existing outputs.
         resume: continue the partial outputs of an interrupted run with the same model and settings: blocks
@@ -308,15 +312,12 @@ def predict_distributed(
         ``windows``, ``windows_skipped``, ``seconds`` (the whole run's).
 
     Raises:
-        InputError: bad model directory or input, an output not ending in ``.zarr``, an existing output
-            without ``force``, or a partial output made with other settings.
+        InputError: bad model directory, input or scheduler, an output not ending in ``.zarr``, an existing
+            output without ``force``, or a partial output made with other settings.
     """
-    from distributed import as_completed
-    from tqdm import tqdm
-
     from meunet.data.normalization import Normalization
-    from meunet.infer.predict import _skip_settings
-    from meunet.io import create_writer, open_volume, volume_format, write_volume
+    from meunet.infer.predict import _skip_settings, _write_json
+    from meunet.io import create_writer, open_volume
     from meunet.models import load_model_dir
 
     start = time.perf_counter()
@@ -332,73 +333,96 @@ def predict_distributed(
         raise InputError(model_dir, f"bad prediction settings: {exc}") from None
     normalization = Normalization.from_dict(bundle.meta["normalization"])
     skip = _skip_settings(normalization, len(bundle.classes), air_threshold) if skip_empty else {}
-    pairs = [(Path(i).resolve(), Path(o).resolve()) for i, o in pairs]
-    for _, output in pairs:
-        if not output.name.endswith(".zarr"):
-            raise InputError(output, "distributed prediction writes OME-Zarr: give an output ending in .zarr")
-        if output.exists() and not force:
-            raise InputError(output, "output exists; use --force to overwrite it")
+    pairs = volume_pairs(input, output)
+    for _, target in pairs:
+        if not target.name.endswith(".zarr"):
+            raise InputError(target, "distributed prediction writes OME-Zarr: give an output ending in .zarr")
+    for path in [o for _, o in pairs] + ([] if stats_json is None else [Path(stats_json)]):
+        if path.exists() and not force:
+            raise InputError(path, "output exists; use --force to overwrite it")
     volumes = [open_volume(i) for i, _ in pairs]
-    stats, futures = [], {}
+    if pairs != [(Path(input), Path(output))]:
+        Path(output).mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        writers = []
-        for (input, output), volume in zip(pairs, volumes, strict=True):
-            shape = tuple(volume.array.shape)
+        client = stack.enter_context(connect(scheduler)) if isinstance(scheduler, str) else scheduler
+        writers, stats, futures = [], [], {}
+        for (source, target), volume in zip(pairs, volumes, strict=True):
             writer = stack.enter_context(
-                create_writer(output, shape, np.uint8, like=volume, chunks=chunks, force=force, resume=resume)
+                create_writer(
+                    target, volume.array.shape, np.uint8, volume, chunks, force=force, resume=resume
+                )
+            )
+            job, todo, volume_stats = _prepare(
+                writer, model_dir, source, volume, engine, skip, block, progress
             )
             writers.append(writer)
-            scratch = writer.partial / SCRATCH
-            (scratch / "done").mkdir(parents=True, exist_ok=True)
-            cores = plan_blocks(shape, _checked_block(block, writer.array.chunks, shape, engine.window))
-            settings = {
-                "model": _fingerprint(model_dir),
-                "input": str(input),
-                "engine": repr(engine),
-                "skip": skip,
-                "block": cores[0],
-            }
-            _check_settings(scratch / "settings.json", settings, output)
-            image = input
-            if volume_format(input) not in DIRECT_FORMATS:
-                image = scratch / "input.zarr"
-                if not image.exists():
-                    write_volume(image, volume, chunks=writer.array.chunks, progress=progress)
-            job = _Job(
-                str(model_dir), str(image), str(writer.target / "0"), str(scratch / "done"), engine, skip
-            )
-            todo = [c for c in cores if not _marker(job, c).exists()]
-            stats.append(
-                {
-                    "input": str(input),
-                    "output": str(output),
-                    "shape": list(shape),
-                    "blocks": len(cores),
-                    "blocks_reused": len(cores) - len(todo),
-                    "windows": 0,
-                    "windows_skipped": 0,
-                }
-            )
+            stats.append(volume_stats)
             for core in todo:
-                key = f"meunet-block-{output.name}-{_marker(job, core).name}-{os.urandom(4).hex()}"
-                futures[client.submit(_run_block, job, core, key=key, pure=False)] = stats[-1]
-        try:
-            bar = tqdm(total=len(futures), unit="block", disable=not progress, desc="blocks")
+                key = f"meunet-block-{target.name}-{_marker(job, core).name}-{os.urandom(4).hex()}"
+                futures[client.submit(_run_block, job, core, key=key, pure=False)] = volume_stats
+        _gather(client, futures, progress)
+        for writer in writers:
+            add_label_pyramid(writer.target, pyramid_levels, bundle.classes)
+            shutil.rmtree(writer.partial / SCRATCH)
+    for s in stats:
+        s["seconds"] = time.perf_counter() - start
+    if stats_json is not None:
+        _write_json(Path(stats_json), stats)
+    return stats
+
+
+def _prepare(writer, model_dir: Path, source: Path, volume, engine, skip, block, progress):
+    """Markers, settings check and (if needed) a Zarr copy of the input for one volume; returns its job,
+    the blocks still to compute and its statistics."""
+    from meunet.io import volume_format, write_volume
+
+    scratch = writer.partial / SCRATCH
+    (scratch / "done").mkdir(parents=True, exist_ok=True)
+    shape = writer.shape
+    cores = plan_blocks(shape, _checked_block(block, writer.array.chunks, shape, engine.window))
+    settings = {
+        "model": _fingerprint(model_dir),
+        "input": str(source.resolve()),
+        "engine": repr(engine),
+        "skip": skip,
+        "block": cores[0],
+    }
+    _check_settings(scratch / "settings.json", settings, writer.path)
+    image = source.resolve()
+    if volume_format(source) not in DIRECT_FORMATS:
+        image = scratch / "input.zarr"
+        if not image.exists():
+            write_volume(image, volume, chunks=writer.array.chunks, progress=progress)
+    labels = writer.target.resolve() / "0"
+    job = _Job(str(model_dir), str(image), str(labels), str(scratch.resolve() / "done"), engine, skip)
+    todo = [c for c in cores if not _marker(job, c).exists()]
+    stats = {
+        "input": str(source),
+        "output": str(writer.path),
+        "shape": list(shape),
+        "blocks": len(cores),
+        "blocks_reused": len(cores) - len(todo),
+        "windows": 0,
+        "windows_skipped": 0,
+    }
+    return job, todo, stats
+
+
+def _gather(client, futures: dict, progress: bool) -> None:
+    """Wait for the block tasks, adding their window counts to their volume's statistics; on any error
+    (or interrupt) the remaining tasks are cancelled."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    try:
+        with tqdm(total=len(futures), unit="block", disable=not progress, desc="blocks") as bar:
             for future in as_completed(futures):
                 windows, skipped = future.result()
                 futures[future]["windows"] += windows
                 futures[future]["windows_skipped"] += skipped
                 bar.update()
-            bar.close()
-        finally:
-            client.cancel(list(futures))
-        for writer in writers:
-            add_label_pyramid(writer.target, pyramid_levels, bundle.classes)
-            shutil.rmtree(writer.partial / SCRATCH)
-    seconds = time.perf_counter() - start
-    for s in stats:
-        s["seconds"] = seconds
-    return stats
+    finally:
+        client.cancel(list(futures))
 
 
 def _checked_block(block, chunks, shape, window) -> tuple[int, int, int]:
@@ -541,7 +565,7 @@ def volume_pairs(input: str | os.PathLike[str], output: str | os.PathLike[str]) 
 
     A folder is one volume when it is a Zarr store or a folder of TIFF or DICOM slices; otherwise its
     entries that are volumes are taken (hidden entries and other files are ignored) and ``output`` is a
-    folder, created if needed.
+    folder.
 
     Raises:
         InputError: no such input, or a folder without volumes.
@@ -558,7 +582,6 @@ def volume_pairs(input: str | os.PathLike[str], output: str | os.PathLike[str]) 
         raise InputError(input, "the folder holds no volumes")
     if output.exists() and not output.is_dir():
         raise InputError(output, "the output for a folder of volumes must be a folder")
-    output.mkdir(parents=True, exist_ok=True)
     return [(p, output / f"{_stem(p)}.zarr") for p in found]
 
 
