@@ -8,15 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-BASE_COLUMNS = ["stage", "iteration", "epoch", "loss", "local_loss", "context_loss", "seconds"]
+BASE_COLUMNS = ["stage", "iteration", "epoch", "loss", "local_loss", "context_loss", "seconds", "it_per_s"]
 
 
 class TrainLog:
     """Rows of the training log, rewritten whole (temporary name, rename) after each append.
 
     Columns: stage, iteration, epoch (patches seen / kept patches), loss, local_loss, context_loss (mean
-    training losses since the previous row; context_loss empty for stage 2), seconds (training time of the
-    stage so far), ``dice_<class>`` per class and ``mean_foreground_dice`` on the validation volumes.
+    training losses since the previous row; context_loss empty for stage 2), seconds (wall time of the stage
+    so far, validations included), it_per_s (training steps per second since the previous row, validation
+    excluded), ``dice_<class>`` per class and ``mean_foreground_dice`` on the validation volumes.
     """
 
     def __init__(self, path: Path, classes: list[str]) -> None:

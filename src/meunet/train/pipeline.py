@@ -214,6 +214,7 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Pat
     out = config.output
     stages = {"1": [1], "2": [2], "both": [1, 2]}[config.stages]
     device = resolve_device(config.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed patch and window sizes: pick fast kernels
     _check_output(out, stages, resume, force)
     data = prepare_data(config, resolve_split(config))
     if stages == [2]:
