@@ -33,8 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meunet.models import Cascade, MeUNet, UNet3D
-from meunet.models.unet import PAPER_WIDTHS
+from meunet.models import PAPER_WIDTHS, Cascade, MeUNet, UNet3D
 from meunet.train.loss import wd_loss
 
 CONFIGS = (
