@@ -198,7 +198,7 @@ def _project_slice(
     photoelectric = radon(mu * photo, theta, circle=False)
     n_det = compton.shape[0]
     # Photons at each energy; gains: a per-column pattern shared by all slices plus per-row noise.
-    flux = 2.0e4 * (acq.snr / 8.0) ** 2
+    flux = 150.0 * (acq.snr / 10.0) ** 2  # photons per detector pixel: noise close to the fast model's
     gain = 1.0 + np.random.default_rng((seed, _GAIN)).normal(0, acq.rings / 4, n_det)
     rng = np.random.default_rng((seed, _GAIN, z))
     gain += rng.normal(0, acq.rings / 12, n_det)

@@ -30,9 +30,8 @@ def save_preview(
     top = float(np.iinfo(planes[0].dtype).max) if planes[0].dtype.kind in "ui" else float(planes[0].max())
     cmap = label_colormap(len(class_names))
     widths = [p.shape[1] for p in planes]
-    fig = Figure(
-        figsize=(3.2 * len(planes) * max(widths) / max(p.shape[0] for p in planes), 7), layout="constrained"
-    )
+    height = max(p.shape[0] for p in planes)
+    fig = Figure(figsize=(max(6.0, 4.5 * sum(widths) / height + 0.5), 9.0), layout="constrained")
     axes = fig.subplots(2, 3, width_ratios=widths)
     for col, (plane, mask, name, index) in enumerate(zip(planes, masks, PLANES, centre, strict=True)):
         for row in range(2):

@@ -166,6 +166,18 @@ class Tube:
         return sdf, nearest
 
 
+def _bspline_weights(t: np.ndarray) -> np.ndarray:
+    """(4, n) float32 cubic B-spline weights of lattice nodes k-1 .. k+2 at fractional positions ``t``."""
+    t2, t3 = t * t, t * t * t
+    return (np.stack([(1 - t) ** 3, 3 * t3 - 6 * t2 + 4, -3 * t3 + 3 * t2 + 3 * t + 1, t3]) / 6).astype(
+        np.float32
+    )
+
+
+# The B-spline averages four nodes per axis (each uniform in [-1, 1]); this brings the field's std to 1/3.
+_GAIN = float(np.mean((_bspline_weights(np.linspace(0, 1, 1001)) ** 2).sum(axis=0)) ** -1.5) / np.sqrt(3)
+
+
 def value_noise(
     z0: int,
     z1: int,
@@ -175,32 +187,32 @@ def value_noise(
     cell: float,
     key: tuple[int, ...],
 ) -> np.ndarray:
-    """Smooth random field in [-1, 1] on voxels [z0:z1, y0:y1, x0:x1] (float32), feature size ``cell`` voxels.
+    """Smooth random field (float32, mean 0, std 1/3) on voxels [z0:z1, y0:y1, x0:x1], features of about
+    ``cell`` voxels.
 
     Lattice nodes lie every ``cell`` voxels (with a random phase drawn from ``key``); the node values of
-    lattice plane k (covering the volume's whole (y, x) extent ``shape_yx``) come from a generator seeded with
-    (*key, k) and are interpolated with smoothstep weights, so any sub-box gets exactly the whole volume's
-    values.
+    lattice plane k (covering the volume's whole (y, x) extent ``shape_yx``) come from a generator seeded
+    with (*key, k) and are blended by cubic B-splines (smooth, no lattice squares), so any sub-box gets
+    exactly the whole volume's values.
     """
     phase = np.random.default_rng((*key, 1 << 30)).random(3) * cell
     axes = []
     for (a, b), off in zip(((z0, z1), y_range, x_range), phase, strict=True):
         t = (np.arange(a, b, dtype=np.float64) + off) / cell
-        k = np.floor(t).astype(np.int64)
-        w = t - k
-        axes.append((k, (w * w * (3.0 - 2.0 * w)).astype(np.float32)))
+        k = np.floor(t).astype(np.int64)  # >= 0; node k + m - 1 is stored at index k + m
+        axes.append((k, _bspline_weights(t - k)))
     (kz, wz), (ky, wy), (kx, wx) = axes
-    plane_shape = (int(shape_yx[0] / cell) + 3, int(shape_yx[1] / cell) + 3)
-    ys, xs = slice(int(ky[0]), int(ky[-1]) + 2), slice(int(kx[0]), int(kx[-1]) + 2)
+    plane_shape = (int(shape_yx[0] / cell) + 5, int(shape_yx[1] / cell) + 5)
+    ys, xs = slice(int(ky[0]), int(ky[-1]) + 4), slice(int(kx[0]), int(kx[-1]) + 4)
     lattice = np.stack(
         [
             (np.random.default_rng((*key, k)).random(plane_shape, dtype=np.float32) * 2.0 - 1.0)[ys, xs]
-            for k in range(int(kz[0]), int(kz[-1]) + 2)
+            for k in range(int(kz[0]), int(kz[-1]) + 4)
         ]
     )
-    iz = kz - kz[0]
-    out = lattice[iz] * (1.0 - wz)[:, None, None] + lattice[iz + 1] * wz[:, None, None]
-    iy = ky - ky[0]
-    out = out[:, iy] * (1.0 - wy)[None, :, None] + out[:, iy + 1] * wy[None, :, None]
-    ix = kx - kx[0]
-    return out[:, :, ix] * (1.0 - wx) + out[:, :, ix + 1] * wx
+    iz, iy, ix = kz - kz[0], ky - ky[0], kx - kx[0]
+    out = sum(lattice[iz + m] * wz[m][:, None, None] for m in range(4))
+    out = sum(out[:, iy + m] * wy[m][None, :, None] for m in range(4))
+    out = sum(out[:, :, ix + m] * wx[m] for m in range(4))
+    out *= np.float32(_GAIN)
+    return out
