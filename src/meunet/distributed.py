@@ -90,8 +90,13 @@ class _GridWindow(SlidingWindow):
         return [list(s) for s in self.starts]
 
 
+def _settings(engine: SlidingWindow) -> dict[str, Any]:
+    """The engine's constructor arguments (not its weight map, which can be many MB)."""
+    return {f.name: getattr(engine, f.name) for f in dataclasses.fields(SlidingWindow) if f.init}
+
+
 def _on_windows(engine: SlidingWindow, starts: Sequence[Sequence[int]], span: Region) -> _GridWindow:
-    settings = {f.name: getattr(engine, f.name) for f in dataclasses.fields(SlidingWindow) if f.init}
+    settings = _settings(engine)
     local = tuple(tuple(s - lo for s in axis) for axis, (lo, _) in zip(starts, span, strict=True))
     return _GridWindow(**settings, starts=local)
 
@@ -169,7 +174,7 @@ class _Job:
     image: str
     labels: str  # the level-0 array of the output being written
     markers: str
-    engine: SlidingWindow
+    engine: dict[str, Any]  # SlidingWindow arguments
     skip: dict[str, Any]
 
 
@@ -199,14 +204,9 @@ def _run_block(job: _Job, core: Region) -> tuple[int, int]:
     from meunet.io import open_volume
 
     counts = WindowCounts()
-    labels = predict_block(
-        _model(job.model_dir, job.engine.device),
-        open_volume(job.image).array,
-        job.engine,
-        core,
-        job.skip,
-        counts,
-    )
+    bundle = _model(job.model_dir, job.engine["device"])
+    engine = SlidingWindow(**job.engine)
+    labels = predict_block(bundle, open_volume(job.image).array, engine, core, job.skip, counts)
     zarr.open_array(job.labels, mode="r+")[_slices(core)] = labels
     _marker(job, core).touch()
     return counts.windows, counts.skipped
@@ -394,7 +394,9 @@ def _prepare(writer, model_dir: Path, source: Path, volume, engine, skip, block,
         if not image.exists():
             write_volume(image, volume, chunks=writer.array.chunks, progress=progress)
     labels = writer.target.resolve() / "0"
-    job = _Job(str(model_dir), str(image), str(labels), str(scratch.resolve() / "done"), engine, skip)
+    job = _Job(
+        str(model_dir), str(image), str(labels), str(scratch.resolve() / "done"), _settings(engine), skip
+    )
     todo = [c for c in cores if not _marker(job, c).exists()]
     stats = {
         "input": str(source),
