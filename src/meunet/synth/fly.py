@@ -86,8 +86,8 @@ class Fly:
         return img, labels
 
     def _noise(self, box, z0: int, cell: float, tag: int) -> np.ndarray:
-        """Value noise in about [-1, 1] on a slab box: three octaves from ``cell`` down, so that its level
-        sets are irregular blobs rather than lattice squares."""
+        """Value noise (std about 0.38) on a slab box: three octaves from ``cell`` down, so that its level
+        sets are irregular blobs."""
         zs, ys, xs = box
         ranges = (zs.start + z0, zs.stop + z0, (ys.start, ys.stop), (xs.start, xs.stop), self.shape[1:])
         out = None
@@ -97,44 +97,82 @@ class Fly:
             out = part if out is None else out + part
         return out
 
+    def _grain(self, box, z0: int, tag: int) -> np.ndarray:
+        """Voxel-scale texture (std 1/3) on a slab box, from one seeded white-noise slice per z."""
+        zs, ys, xs = box
+        slices = [
+            np.random.default_rng((self.seed, tag, z)).standard_normal(self.shape[1:], np.float32)[ys, xs]
+            for z in range(zs.start + z0, zs.stop + z0)
+        ]
+        return np.stack(slices) / np.float32(3.0)
+
+    @staticmethod
+    def _within(box, part: Ellipsoid, z0: int, depth: int, shape_yx, margin: float = 1.0):
+        """(box of ``part`` grown by ``margin``, in slab coordinates and relative to ``box``), or None."""
+        own = box_in_slab(*part.bbox(margin), z0, z0 + depth, shape_yx)
+        if own is None:
+            return None
+        both = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, own, strict=True))
+        if any(s.start >= s.stop for s in both):
+            return None
+        return both, tuple(slice(s.start - a.start, s.stop - a.start) for s, a in zip(both, box, strict=True))
+
     def _draw_body(self, img: np.ndarray, box, z0: int) -> np.ndarray:
         """Tissue, organs and cuticle inside the body box; returns the body mask on the box."""
         lv, length = self.levels, self.length
-        sdf = [e.sdf(box, z0) for e in self.body]
+        named = (*self.organs, self.brain, *self.eyes)
+        parts = {id(e): self._within(box, e, z0, img.shape[0], self.shape[1:]) for e in named}
+        # The body's parts are needed as far out as their smooth joins reach (2 blend).
+        grow = 2.0 * self.blend + 1.0
+        parts |= {id(e): self._within(box, e, z0, img.shape[0], self.shape[1:], grow) for e in self.body}
+        sdf = []
+        for part in self.body:  # each part on its own box; far (1e4) elsewhere, where it cannot matter
+            sdf.append(np.full([s.stop - s.start for s in box], 1e4, dtype=np.float32))
+            if parts[id(part)] is not None:
+                own, rel = parts[id(part)]
+                sdf[-1][rel] = part.sdf(own, z0)
         body = _join(*sdf, self.blend)
         inside = body < 0
         coarse, fine = max(0.05 * length, 3.0), max(0.015 * length, 2.0)
         mottle = self._noise(box, z0, coarse, 1)
-        tissue = lv["tissue"] * (1.0 + 0.15 * mottle + 0.08 * self._noise(box, z0, fine, 2))
+        lobules = value_noise(box[0].start + z0, box[0].stop + z0, (box[1].start, box[1].stop),
+                              (box[2].start, box[2].stop), self.shape[1:], fine, (self.seed, 2))  # fmt: skip
+        tissue = lv["tissue"] * (1.0 + 0.15 * mottle + 0.1 * lobules)
         # Flight muscle filling the thorax: bundles along the body axis, a grid of stripes in cross-section.
-        fibre = max(0.035 * length, 3.0)
-        coords = box_coords(box, z0)
-        v = sum(np.float32(self.frame[i, 1]) * coords[i] for i in range(3)) / fibre
-        w = sum(np.float32(self.frame[i, 2]) * coords[i] for i in range(3)) / fibre
-        del coords
-        bundles = np.sin(2 * np.pi * v + 2.0 * mottle) * np.sin(2 * np.pi * w)
-        del v, w
-        muscle = sdf[1] < -2.0 * self.cuticle
-        tissue[muscle] = lv["muscle"] * (
-            1.0 + 0.2 * np.sign(bundles[muscle]) * np.abs(bundles[muscle]) ** 0.5
-        )
-        del bundles, muscle
+        if parts[id(self.body[1])] is not None:
+            own, rel = parts[id(self.body[1])]
+            fibre = max(0.035 * length, 3.0)
+            coords = box_coords(own, z0)
+            v = sum(np.float32(self.frame[i, 1]) * coords[i] for i in range(3)) / fibre
+            w = sum(np.float32(self.frame[i, 2]) * coords[i] for i in range(3)) / fibre
+            bundles = np.sin(2 * np.pi * v + 2.0 * mottle[rel]) * np.sin(2 * np.pi * w)
+            del v, w, coords
+            muscle = sdf[1][rel] < -2.0 * self.cuticle
+            stripes = 1.0 + 0.2 * np.sign(bundles[muscle]) * np.abs(bundles[muscle]) ** 0.5
+            tissue[rel][muscle] = lv["muscle"] * stripes
+            del bundles, muscle, stripes
         # Fat body under the abdominal wall: bright lobules; body cavities and air sacs: dark pockets.
-        fat = (sdf[2] > -0.05 * length) & (self._noise(box, z0, fine, 4) > 0.2)
+        fat = (sdf[2] > -0.05 * length) & (sdf[2] < 0) & (lobules > 0.1)
         tissue[fat] = lv["fat"]
+        del fat, lobules
         for index, organ in enumerate(self.organs):
-            inner = organ.sdf(box, z0) < 0
-            chambers = self._noise(box, z0, max(0.025 * length, 2.5), 10 + index)
-            tissue[inner] = lv["organ"] * (1.0 + 0.3 * chambers[inner])
-        tissue[self.brain.sdf(box, z0) < 0] = lv["brain"]
-        grain = self._noise(box, z0, 1.5, 5)
+            if parts[id(organ)] is not None:
+                own, rel = parts[id(organ)]
+                inner = organ.sdf(own, z0) < 0
+                chambers = self._noise(own, z0, max(0.025 * length, 2.5), 10 + index)
+                tissue[rel][inner] = lv["organ"] * (1.0 + 0.3 * chambers[inner])
+        if parts[id(self.brain)] is not None:
+            own, rel = parts[id(self.brain)]
+            tissue[rel][self.brain.sdf(own, z0) < 0] = lv["brain"]
         for eye in self.eyes:
-            inner = eye.sdf(box, z0) < 0
-            tissue[inner] = lv["eye"] * (1.0 + 0.2 * grain[inner])
-        del grain
+            if parts[id(eye)] is not None:
+                own, rel = parts[id(eye)]
+                inner = eye.sdf(own, z0) < 0
+                tissue[rel][inner] = lv["eye"] * (1.0 + 0.6 * self._grain(own, z0, 5)[inner])
         tissue[mottle < -0.75] = lv["trachea"]
         trachea, _ = self.tracheae.sdf(box[0].start + z0, box[0].stop + z0, self.shape[1:])
         tissue[trachea[:, box[1], box[2]] < 0] = lv["trachea"]
+        del trachea
         shell = body > -self.cuticle
         tissue[shell] = lv["cuticle"] * (1.0 + 0.08 * mottle[shell])
         region = img[box]
@@ -167,11 +205,10 @@ class Fly:
         if in_gut.any():
             # Epithelium: granular, brightest at the outer rim; lumen: dark, with brighter food particles.
             depth = -gut[in_gut] / self.gut.radii[nearest[in_gut]]
-            grain = value_noise(z0, z1, (0, shape_yx[0]), (0, shape_yx[1]), shape_yx, 1.7, (self.seed, 7))[
-                in_gut
-            ]
-            epithelium = lv["gut_wall"] * (1.0 + 0.18 * grain + 0.12 * (depth < 0.25))
-            food = lv["lumen"] * (1.0 + 0.6 * np.maximum(grain - 0.3, 0.0))
+            whole = (slice(0, z1 - z0), slice(0, shape_yx[0]), slice(0, shape_yx[1]))
+            grain = self._grain(whole, z0, 7)[in_gut]
+            epithelium = lv["gut_wall"] * (1.0 + 0.3 * grain + 0.12 * (depth < 0.25))
+            food = lv["lumen"] * (1.0 + 1.0 * np.maximum(grain - 0.3, 0.0))
             img[in_gut] = np.where(depth > 1.0 - self.lumen_fraction, food, epithelium)
         labels[in_gut] = 1
 
@@ -408,7 +445,8 @@ def design_fly(shape: tuple[int, int, int], seed: int, lumen: bool = True) -> Fl
     gain = rng.uniform(0.9, 1.1)
     levels = {k: v if k == "air" else levels["air"] + gain * (v - levels["air"]) for k, v in levels.items()}
 
-    step, min_r = 0.5, 2.0  # the duct (at least 1.5) stays thinner than the foregut it leaves
+    min_r = 2.0  # the duct (at least 1.5) stays thinner than the foregut it leaves
+    step = max(0.5, 0.004 * scale)  # curve samples: error of the nearest-sample distance << 1 voxel
     margin = (cuticle + 1.5) / scale
     crop_theta = -np.pi / 2 + rng.uniform(-0.3, 0.3)
     best = None
