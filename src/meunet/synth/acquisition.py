@@ -57,8 +57,9 @@ class Acquisition:
 
     @property
     def halo(self) -> int:
-        """Slices each side a slab needs from its neighbours so that the blurs match the whole volume's."""
-        return _radius(self.psf_sigma) + (0 if self.physics else _radius(_NOISE_SIGMA))
+        """Phantom slices each side a slab needs so that the blur matches the whole volume's (the noise,
+        drawn per slice, takes its own halo)."""
+        return _radius(self.psf_sigma)
 
     def to_dict(self) -> dict:
         """Every setting, for ``dataset.json``."""

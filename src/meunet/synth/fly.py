@@ -451,7 +451,7 @@ def design_fly(shape: tuple[int, int, int], seed: int, lumen: bool = True) -> Fl
     crop_theta = -np.pi / 2 + rng.uniform(-0.3, 0.3)
     best = None
     for attempt in range(30):
-        r_mid = 0.033 * 0.92 ** (attempt // 6) * rng.uniform(0.85, 1.15)
+        r_mid = 0.038 * 0.92 ** (attempt // 6) * rng.uniform(0.85, 1.15)
         gap = max(2.0, 0.4 * r_mid * scale)
         way, way_r = _foregut(plan, 0.45 * r_mid, r_mid)
         mid, mid_r = _midgut(plan, rng, r_mid, margin)
