@@ -93,6 +93,9 @@ class NiftiWriter(RawWriter):
 
     def _finish(self) -> None:
         if self._raw_path != self.target:
-            with open(self._raw_path, "rb") as src, gzip.open(self.target, "wb", compresslevel=1) as dst:
+            with (
+                open(self._raw_path, "rb") as src,
+                gzip.GzipFile(self.target, "wb", compresslevel=1, mtime=0) as dst,
+            ):
                 shutil.copyfileobj(src, dst, 1 << 16)
             self._raw_path.unlink()
