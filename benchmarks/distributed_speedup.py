@@ -6,7 +6,7 @@ prediction (meunet.infer.predict, one torch thread) is the baseline that shows t
 halo windows. Cluster start-up is timed apart from the prediction (which includes loading the model on each
 worker and writing the pyramid). Prints a table and writes JSON.
 
-    .venv/bin/python benchmarks/distributed_speedup.py [--shape 96 192 192] [--window 48]
+    .venv/bin/python benchmarks/distributed_speedup.py [--shape 128 96 96] [--window 32]
         [--chunks 32 96 96] [--block 32 96 96] [--workers 1 2] [--json FILE]
 """
 
@@ -53,8 +53,8 @@ def _make_volume(path: Path, shape: tuple[int, int, int], chunks: tuple[int, int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", type=int, nargs=3, default=[96, 192, 192], metavar=("Z", "Y", "X"))
-    parser.add_argument("--window", type=int, default=48, help="cubic window side")
+    parser.add_argument("--shape", type=int, nargs=3, default=[128, 96, 96], metavar=("Z", "Y", "X"))
+    parser.add_argument("--window", type=int, default=32, help="cubic window side")
     parser.add_argument("--chunks", type=int, nargs=3, default=[32, 96, 96], metavar=("Z", "Y", "X"))
     parser.add_argument("--block", type=int, nargs=3, default=[32, 96, 96], metavar=("Z", "Y", "X"))
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
