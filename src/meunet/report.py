@@ -1,14 +1,21 @@
-"""Pictures for people: label overlays (and, from other modules' authors, curves and reports).
+"""Pictures and reports for people: label overlays, and Markdown/HTML reports of tables and pictures.
 
 Figures are drawn with matplotlib's object API (no pyplot state, no display needed) and written to a
-temporary name, then renamed.
+temporary name, then renamed. A report is a title and sections of blocks (paragraphs, :class:`Table`,
+:class:`Picture`), rendered once as Markdown (pictures linked by relative path) and once as a self-contained
+HTML page (pictures embedded), by :func:`write_report`.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import os
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -112,3 +119,118 @@ def save_overlay(
     fig.savefig(tmp, format="png", dpi=80)
     os.replace(tmp, path)
     return path
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table of text cells: ``header`` and ``rows`` (each as long as the header)."""
+
+    header: Sequence[str]
+    rows: Sequence[Sequence[str]]
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A PNG file shown with a caption."""
+
+    path: Path
+    caption: str
+
+
+Block = str | Table | Picture  # a str is one paragraph; `code` spans are kept
+Section = tuple[str, Sequence[Block]]
+
+
+def markdown_report(title: str, sections: Sequence[Section], base: str | os.PathLike[str]) -> str:
+    """Markdown text of a report; pictures are linked relative to ``base`` (the folder of the .md file)."""
+    lines = [f"# {title}", ""]
+    for heading, blocks in sections:
+        lines += [f"## {heading}", ""]
+        for block in blocks:
+            if isinstance(block, Table):
+                lines.append("| " + " | ".join(block.header) + " |")
+                lines.append("|" + "|".join("---" for _ in block.header) + "|")
+                lines += ["| " + " | ".join(row) + " |" for row in block.rows]
+            elif isinstance(block, Picture):
+                lines.append(f"![{block.caption}]({Path(os.path.relpath(block.path, base)).as_posix()})")
+            else:
+                lines.append(block)
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _inline(text: str) -> str:
+    """Escaped HTML of a paragraph, with Markdown `code` spans as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+def html_report(title: str, sections: Sequence[Section]) -> str:
+    """A self-contained HTML page of a report: pictures embedded as base64 PNG data URIs."""
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;padding:.25em .6em;"
+        "text-align:right}th{background:#eee}td:first-child{text-align:left}img{max-width:100%}"
+        "figcaption{color:#555;font-size:.9em}</style>",
+        "</head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    for heading, blocks in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        for block in blocks:
+            if isinstance(block, Table):
+                head = "".join(f"<th>{_inline(h)}</th>" for h in block.header)
+                body = "".join(
+                    "<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in block.rows
+                )
+                parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            elif isinstance(block, Picture):
+                data = base64.b64encode(Path(block.path).read_bytes()).decode("ascii")
+                caption = html.escape(block.caption)
+                parts.append(
+                    f'<figure><img src="data:image/png;base64,{data}" alt="{caption}">'
+                    f"<figcaption>{caption}</figcaption></figure>"
+                )
+            else:
+                parts.append(f"<p>{_inline(block)}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(
+    folder: str | os.PathLike[str], title: str, sections: Sequence[Section]
+) -> tuple[Path, Path]:
+    """Write ``report.md`` (pictures linked relative to ``folder``) and a self-contained ``report.html`` into
+    ``folder`` (temporary names, then renamed); returns their paths."""
+    folder = Path(folder)
+    md, page = folder / "report.md", folder / "report.html"
+    _write_text(md, markdown_report(title, sections, folder))
+    _write_text(page, html_report(title, sections))
+    return md, page
+
+
+def memory_table(records: Sequence[dict[str, Any]]) -> Table:
+    """Table of :func:`meunet.bench.measure_memory` records: parameters, activation and peak MiB, step s."""
+
+    def mib(value: float | None) -> str:
+        return "-" if value is None else f"{value / 2**20:,.1f}"
+
+    rows = [
+        (
+            r["config"],
+            f"{r['params']:,}",
+            mib(r["activation_bytes"]),
+            mib(r["peak_bytes"]),
+            "-" if r["step_seconds"] is None else f"{r['step_seconds']:.2f}",
+        )
+        for r in records
+    ]
+    return Table(("configuration", "parameters", "activation MiB", "peak MiB", "step s"), rows)
