@@ -18,6 +18,7 @@ from meunet.errors import InputError
 from meunet.infer import Input, SlidingWindow, predict
 from meunet.io import Volume, open_volume, read_volume, write_volume
 from meunet.models import Cascade, MeUNet, UNet3D, load_model_dir, save_model_dir
+from test_infer_window import _one_torch_thread  # noqa: F401 (autouse fixture: one torch thread here too)
 
 WIDTHS = [4, 8, 8, 8, 8]
 NORM = Normalization(clip_low=0.0, clip_high=200.0, mean=60.0, std=40.0)
@@ -191,7 +192,11 @@ def test_killed_zarr_prediction_resumes_to_same_labels(models, cascade_run, tmp_
     output = tmp_path / "out.zarr"
     script = tmp_path / "killer.py"
     script.write_text(textwrap.dedent(KILLER))
-    env = {**os.environ, "KILL_AFTER": "1"}  # chunks of 64 slices: the first of two writes lands, then death
+    env = {
+        **os.environ,
+        "KILL_AFTER": "1",
+        "OMP_NUM_THREADS": "1",
+    }  # chunks of 64 slices: the first of two writes lands, then death
     args = [sys.executable, script, models["post"], cascade_run["image"], output]
     assert subprocess.run(args, env=env, check=False).returncode == -9
     assert not output.exists() and (tmp_path / ".out.zarr.partial").is_dir()

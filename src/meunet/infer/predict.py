@@ -32,7 +32,7 @@ from meunet.io import Volume, VolumeWriter, create_writer, open_volume
 
 SKIP_MARGIN = 10.0  # a skipped window's logits: 0 for background, -SKIP_MARGIN for the others
 ACTIVATION_FACTOR = 9  # inference activations ~ this x top width x window voxels x 4 bytes (measured, CPU)
-RUNTIME_BYTES = 64 << 20  # thread pools and allocator caches that the first forward pass and writes add
+RUNTIME_BYTES = 128 << 20  # thread pools and allocator caches that forward passes and writers add
 
 
 class ProbabilityWriter(VolumeWriter):
@@ -311,7 +311,9 @@ def estimate_peak_bytes(bundle, engine: SlidingWindow, volume: Volume, probabili
     accumulators (classes + 1 float32 maps of ``window_z x Y x X``) and raw input slabs (image, plus stage-1
     float16 output for a cascade); one batch of windows in and out; network activations (about
     ``ACTIVATION_FACTOR`` float32 maps of the top level's width per window voxel, measured on CPU); and the
-    output slabs (uint8 labels, float32 scores, float16 probabilities) of one window depth plus one chunk.
+    output slabs (uint8 labels, float32 scores, float16 probabilities) of one window depth plus one chunk,
+    twice (the writers copy). On CPU (benchmarks/infer_vs_monai.py, docs/inference.md) it came out 1.5 to
+    5 % above the measured peak resident memory.
     """
     wz, wy, wx = engine.window
     y, x = (max(s, w) for s, w in zip(volume.array.shape[1:], engine.window[1:], strict=True))
@@ -328,7 +330,7 @@ def estimate_peak_bytes(bundle, engine: SlidingWindow, volume: Volume, probabili
     batch = engine.batch * window_voxels * 4 * (1 + stage1_channels + 3 * n_classes)
     activations = engine.batch * padded * 4 * ACTIVATION_FACTOR * max(widths)
     out_depth = wz + 64
-    outputs = out_depth * plane * (1 + (2 * n_classes + 8 if probabilities or stage1_channels else 0))
+    outputs = 2 * out_depth * plane * (1 + (2 * n_classes + 8 if probabilities or stage1_channels else 0))
     now = psutil.Process().memory_info().rss
     return int(now + RUNTIME_BYTES + accumulators + input_slabs + batch + activations + outputs)
 
