@@ -24,12 +24,12 @@ WIDTHS = [4, 8, 8, 8, 8]
 NORM = Normalization(clip_low=0.0, clip_high=200.0, mean=60.0, std=40.0)
 
 
-def _model_dir(path: Path, cascade: str | None = None, in_channels: int = 1) -> Path:
+def _model_dir(path: Path, cascade: str | None = None, in_channels: int = 1, stage1_output="probs") -> Path:
     torch.manual_seed(5)  # a seed whose random net predicts more than one class on _image
     stage1 = MeUNet(in_channels, 3, widths=WIDTHS, norm="batch")
     stage2 = None
     if cascade is not None:
-        stage2 = Cascade(stage1, UNet3D(in_channels, 3, widths=WIDTHS, norm="batch"), cascade, "probs")
+        stage2 = Cascade(stage1, UNet3D(in_channels, 3, widths=WIDTHS, norm="batch"), cascade, stage1_output)
     with torch.no_grad():  # untrained heads are dominated by their bias; sharpen them
         for net in (stage1, stage2.stage2) if stage2 else (stage1,):
             net.head.bias.zero_()
@@ -115,6 +115,20 @@ def test_predict_cascade_and_probabilities(models, cascade_run):
     ]
     np.testing.assert_array_equal(probs[...], np.concatenate(expected_probs, axis=1))
     np.testing.assert_allclose(probs[...].astype(np.float32).sum(0), 1, atol=3e-3)
+
+
+def test_predict_cascade_on_stage1_features(tmp_path):
+    model = _model_dir(tmp_path / "features", cascade="post", stage1_output="features")
+    image = _image(tmp_path / "image.npy", shape=(20, 16, 12))
+    predict(model, image, tmp_path / "labels.npy", progress=False)
+    bundle = load_model_dir(model)
+    engine = SlidingWindow((16, 16, 16))
+    image_input = Input(np.load(image), NORM.apply)
+    features = [
+        s.astype(np.float16) for _, s in engine.stream(bundle.stage1.features, [image_input], WIDTHS[0])
+    ]
+    expected = engine.labels(bundle.net, [image_input, Input(np.concatenate(features, axis=1))], 3)
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), expected)
 
 
 def test_skip_empty_counts_air_windows(models, tmp_path):

@@ -178,9 +178,8 @@ def predict(
         start_z = _written_prefix(writers, align)
         inputs = [image]
         if bundle.stage2 is not None and start_z < shape[0]:
-            scratch = (
-                output.parent / f".{output.name}.stage1.zarr"
-            )  # fixed name: a rerun clears a killed run's
+            # a fixed name, so that the next run clears what a killed run left
+            scratch = output.parent / f".{output.name}.stage1.zarr"
             stack.callback(shutil.rmtree, scratch, ignore_errors=True)
             inputs.append(
                 _stage1_input(bundle.stage2, image, scratch, engine, start_z, counts, progress, skip)
@@ -295,10 +294,8 @@ def predict_stage1(
         skip_below=skip_below, skip_logits=skip_logits,
     )  # fmt: skip
     with ProbabilityWriter(output, shape, channels, force=force) as writer:
-        slabs = ((z0, (engine.probabilities_(s) if probs else s,)) for z0, s in stream)
-        for z0, (slab,) in _aligned(
-            ((z0, (s.astype(np.float16),)) for z0, (s,) in slabs), writer.z_chunk, shape[0]
-        ):
+        halves = ((z0, ((engine.probabilities_(s) if probs else s).astype(np.float16),)) for z0, s in stream)
+        for z0, (slab,) in _aligned(halves, writer.z_chunk, shape[0]):
             writer.write(z0, slab)
     return zarr.open_array(output, mode="r")
 
