@@ -198,3 +198,17 @@ def test_output_is_protected(volumes, tmp_path, cli):
     stage2 = _config(volumes, tmp_path / "none", stages=2)
     result, _ = _run(cli, tmp_path, stage2)
     assert result.exit_code == 2 and "train stage 1 first" in result.stderr
+
+
+def test_examples_are_valid_configurations():
+    from meunet.train import load_config
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    fly = load_config(examples / "fly_synth.yaml")
+    paper = load_config(examples / "paper_scale.yaml")
+    assert fly.data.dataset == examples / ".." / "fly_synth" / "dataset.json"
+    assert paper.patch.size == (160, 160, 160) and paper.patch.context == (240, 240, 240)
+    assert (
+        paper.training.batch_size == 4 and paper.training.max_epochs == 400 and paper.training.patience == 30
+    )
+    assert paper.model.widths == [16, 32, 64, 128, 128]

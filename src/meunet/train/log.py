@@ -72,7 +72,8 @@ class TrainLog:
         right.set(xlabel="iteration", ylabel="Dice", ylim=(0, 1), title="validation Dice")
         for ax in (left, right):
             ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize="small")
         fig.tight_layout()
         tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
         fig.savefig(tmp, dpi=100)
