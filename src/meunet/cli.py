@@ -306,6 +306,23 @@ def evaluate_command(
         )
 
 
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder (data, model, report)."),
+    quick: bool = typer.Option(False, "--quick", help="A one-minute version (tiny volumes and model)."),
+    force: bool = typer.Option(False, "--force", help="Replace the outputs of an earlier demo in --out."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """The whole job on synthetic flies: generate, train both stages, predict, evaluate, write a report."""
+    from meunet.demo import run_demo
+
+    summary = run_demo(out, quick=quick, force=force, progress=not no_progress)
+    for name, dice in summary["dice"].items():
+        typer.echo(f"Dice {name:<12}{dice:.3f}")
+    typer.echo(f"mean foreground Dice {summary['mean_foreground_dice']:.3f}")
+    typer.echo(f"finished in {summary['seconds']['total'] / 60:.1f} min; report: {summary['report_html']}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,259 @@
+"""``meunet demo``: the whole job on synthetic flies, in minutes on a CPU.
+
+Generate a small synthetic fly set (:func:`meunet.synth.generate_dataset`), train stage 1 (meU-net) and
+stage 2 (post-concatenation) with narrow widths (:func:`meunet.train.train`), predict the held-out test volume
+(:func:`meunet.infer.predict`), evaluate it (:func:`meunet.metrics.evaluate`, with the overlay picture),
+measure the activation memory of one training step at the demo's settings and at paper scale
+(:func:`meunet.bench.measure_memory` on the ``meta`` device), and write ``report.md`` and ``report.html``.
+
+Output folder layout: ``data/`` (volumes, ``dataset.json``), ``model/`` (the model directory with
+``curves.png``), ``prediction.nii.gz``, ``evaluation.json``, ``overlay.png``, ``memory.json``, ``demo.json``
+(settings, timings and Dice), ``report.md``, ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from meunet.errors import InputError
+
+OUTPUTS = (
+    "data",
+    "model",
+    "prediction.nii.gz",
+    "evaluation.json",
+    "overlay.png",
+    "memory.json",
+    "demo.json",
+    "report.md",
+    "report.html",
+)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Size of a demo run.
+
+    Attributes:
+        shape: (z, y, x) of each synthetic volume.
+        count: volumes; the last is the test volume, the one before it validates, the rest train.
+        widths: five encoder widths of both stages.
+        patch: local patch side; the context side is 1.5 times it.
+        batch: patches per step.
+        iterations: training steps of stage 1 and of stage 2.
+        validations: validations per stage (the best one's weights are kept).
+    """
+
+    shape: tuple[int, int, int]
+    count: int
+    widths: tuple[int, int, int, int, int]
+    patch: int
+    batch: int
+    iterations: tuple[int, int]
+    validations: int
+
+
+FULL = DemoSettings((192, 96, 96), 6, (8, 16, 32, 64, 64), 32, 2, (600, 300), 3)
+QUICK = DemoSettings((64, 64, 64), 3, (4, 8, 16, 16, 16), 32, 2, (16, 8), 1)
+
+
+def train_mapping(out: Path, dataset: Path, settings: DemoSettings, progress: bool, seed: int = 0) -> dict:
+    """The ``meunet train`` configuration (see ``docs/config.md``) of a demo run, as a mapping, without the
+    stage and its iteration limits (see :func:`stage_mapping`).
+
+    The volumes of ``dataset`` (a ``dataset.json``) are split as :class:`DemoSettings` says: the last one is
+    left out (the test volume), the one before it validates, the rest train.
+    """
+    meta = json.loads(dataset.read_text())
+    volumes = meta["volumes"]
+    pairs = [{k: str(dataset.parent / v[k]) for k in ("image", "label")} for v in volumes[:-1]]
+    return {
+        "output": str(out),
+        "seed": seed,
+        "device": "cpu",
+        "data": {"train": pairs[:-1], "validation": pairs[-1:]},
+        "model": {
+            "classes": meta["classes"],
+            "widths": list(settings.widths),
+            "checkpointing": False,
+        },
+        "patch": {"size": settings.patch},
+        "training": {"batch_size": settings.batch, "progress": progress},
+    }
+
+
+def stage_mapping(mapping: dict, stage: int, iterations: int, validations: int) -> dict:
+    """``mapping`` for training only ``stage`` (1, or 2 on top of the stage 1 already in the output) for
+    ``iterations`` steps, validated ``validations`` times (evenly spaced, the last at the end)."""
+    every = max(1, iterations // validations)
+    training = {**mapping["training"], "max_iterations": iterations, "validate_every": every}
+    return {**mapping, "stages": str(stage), "training": training}
+
+
+def _prepare(out: Path, force: bool) -> None:
+    """Refuse to overwrite an earlier demo (or anything else) without ``force``; with it, delete only the
+    demo's own outputs."""
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise InputError(out, "is not empty (use --force to replace the demo's outputs in it)")
+        for name in OUTPUTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_demo(
+    out: str | os.PathLike[str] = "demo_out", quick: bool = False, force: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Run the demo into the folder ``out`` and write its report.
+
+    Args:
+        out: output folder (created); see the module docstring for its content.
+        quick: the small settings :data:`QUICK` (about a minute) instead of :data:`FULL`.
+        force: replace the outputs of an earlier demo in ``out``; without it a non-empty ``out`` is refused.
+        progress: show progress bars.
+
+    Returns:
+        ``demo.json``'s content: ``settings``, ``seconds`` per step, ``dice`` (class name -> Dice on the test
+        volume), ``mean_foreground_dice``, ``report`` and ``report_html`` (paths), ``machine``.
+
+    Raises:
+        InputError: ``out`` is a file, or not empty and ``force`` is not given.
+    """
+    from meunet.bench import StepSetting, measure_memory
+    from meunet.infer import predict
+    from meunet.metrics import evaluate
+    from meunet.synth import generate_dataset
+    from meunet.train import parse_config, train
+
+    out = Path(out)
+    settings = QUICK if quick else FULL
+    _prepare(out, force)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    dataset = generate_dataset(
+        out / "data", "fly", settings.count, settings.shape, seed=0, fmt="nii", progress=progress
+    )
+    seconds["synth"] = time.perf_counter() - start
+    mapping = train_mapping(out / "model", dataset, settings, progress)
+    for stage, iterations in zip((1, 2), settings.iterations, strict=True):
+        begin = time.perf_counter()
+        train(parse_config(stage_mapping(mapping, stage, iterations, settings.validations), "demo"))
+        seconds[f"stage{stage}"] = time.perf_counter() - begin
+    test = json.loads(dataset.read_text())["volumes"][-1]
+    begin = time.perf_counter()
+    stats = predict(out / "model", out / "data" / test["image"], out / "prediction.nii.gz", progress=progress)
+    seconds["predict"] = time.perf_counter() - begin
+    classes = mapping["model"]["classes"]
+    evaluation = evaluate(
+        out / "prediction.nii.gz",
+        out / "data" / test["label"],
+        class_names=classes,
+        json_file=out / "evaluation.json",
+        overlay=out / "overlay.png",
+    )
+    memory = {
+        "demo": measure_memory(
+            StepSetting(settings.patch, 1.5, settings.batch, settings.widths, device="meta")
+        ),
+        "paper": measure_memory(StepSetting(device="meta")),
+    }
+    (out / "memory.json").write_text(json.dumps(memory, indent=1) + "\n")
+    seconds["total"] = time.perf_counter() - start
+    dice = {c["name"]: c["dice"] for c in evaluation["classes"]}
+    summary = {
+        "settings": asdict(settings),
+        "seconds": seconds,
+        "prediction": stats,
+        "dice": dice,
+        "mean_foreground_dice": sum(list(dice.values())[1:]) / (len(dice) - 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads visible, {platform.platform()}",
+    }
+    report, page = _report(out, summary, evaluation, memory)
+    summary.update(report=str(report), report_html=str(page))
+    (out / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _report(out: Path, summary: dict, evaluation: dict, memory: dict) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` of a finished demo."""
+    from meunet.report import Picture, Table, memory_table, write_report
+
+    s, t = summary["settings"], summary["seconds"]
+    shape = " x ".join(str(v) for v in s["shape"])
+
+    def cell(value: float | None, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    dice = Table(
+        ("class", "Dice", "IoU", "precision", "recall", "HD95 (mm)", "voxels (truth)", "voxels (predicted)"),
+        [
+            (
+                c["name"],
+                cell(c["dice"]),
+                cell(c["iou"]),
+                cell(c["precision"]),
+                cell(c["recall"]),
+                cell(c["hd95_mm"], 1),
+                f"{c['voxels_truth']:,}",
+                f"{c['voxels_pred']:,}",
+            )
+            for c in evaluation["classes"]
+        ],
+    )
+    timing = Table(("step", "seconds"), [(k, f"{v:.0f}") for k, v in t.items()])
+    context = round(s["patch"] * 1.5)
+    sections = [
+        (
+            "What was run",
+            [
+                f"{s['count']} synthetic fly volumes of {shape} voxels (z, y, x): {s['count'] - 2} for "
+                "training, 1 for validation, 1 held out for testing (`data/`). Stage 1 is a meU-net (local "
+                f"patch {s['patch']}^3, context {context}^3, widths {s['widths']}), trained for "
+                f"{s['iterations'][0]} steps of batch {s['batch']}; stage 2 a U-net of the same widths "
+                "joined to stage 1 by post-concatenation, trained for "
+                f"{s['iterations'][1]} steps (`model/`). The test volume was predicted with "
+                "`meunet.infer.predict` (Gaussian-blended sliding windows) and compared with its labels.",
+                f"Machine: {summary['machine']}.",
+                timing,
+            ],
+        ),
+        (
+            "Dice on the held-out test volume",
+            [
+                dice,
+                f"Mean foreground Dice: {summary['mean_foreground_dice']:.3f}.",
+                Picture(out / "overlay.png", "Three planes through the test volume: prediction and truth"),
+            ],
+        ),
+        (
+            "Training curves",
+            [Picture(out / "model" / "curves.png", "Training loss and validation Dice per class")],
+        ),
+        (
+            "Memory of one training step",
+            [
+                "Bytes saved for backward in one training step (forward, W_D loss, backward), counted with "
+                "autograd's saved-tensor hooks (`meunet bench memory --device meta`); exact and the same on "
+                "every device. `unet-fov` is a plain U-net on the whole context field of view at full "
+                "resolution; `-ckpt` adds activation checkpointing; the cascades' rows are stage 2.",
+                f"At the demo's settings (local {s['patch']}^3, context {context}^3, batch {s['batch']}):",
+                memory_table(memory["demo"]),
+                "At paper scale (local 160^3, context 240^3, widths 16..128, batch 1):",
+                memory_table(memory["paper"]),
+            ],
+        ),
+    ]
+    return write_report(out, "meunet demo report", sections)

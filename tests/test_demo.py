@@ -1,0 +1,74 @@
+"""``meunet demo --quick`` end to end: synthetic data, both stages, prediction, evaluation, report."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """The folder of one quick demo run through the CLI, and the CLI's stdout."""
+    from typer.testing import CliRunner
+
+    from meunet.cli import app
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--quick", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return out, result.stdout
+
+
+def test_quick_demo_prints_dice_per_class_and_the_report(quick_demo):
+    out, stdout = quick_demo
+    summary = json.loads((out / "demo.json").read_text())
+    assert list(summary["dice"]) == ["background", "gut", "crop"]
+    for name, dice in summary["dice"].items():
+        assert isinstance(dice, float) and 0.0 <= dice <= 1.0, (name, dice)
+        assert re.search(rf"^Dice {name}\s+{dice:.3f}$", stdout, re.MULTILINE)
+    assert math.isclose(
+        summary["mean_foreground_dice"], (summary["dice"]["gut"] + summary["dice"]["crop"]) / 2
+    )
+    assert f"report: {out / 'report.html'}" in stdout
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert [c["dice"] for c in evaluation["classes"]] == list(summary["dice"].values())
+
+
+def test_quick_demo_report_shows_its_pictures_and_tables(quick_demo):
+    out, _ = quick_demo
+    markdown = (out / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert sorted(links) == ["model/curves.png", "overlay.png"]
+    for link in links:
+        assert (out / link).read_bytes()[:8] == PNG
+    for row in ("| gut |", "| crop |", "| meunet-stage1 |", "| unet-fov |", "| cascade-post-stage2 |"):
+        assert row in markdown
+    page = (out / "report.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == 2 and 'src="overlay.png"' not in page
+    separators = sum(line.startswith("|---") for line in markdown.splitlines())
+    assert page.count("<table>") == separators == 4  # timings, Dice, memory at two scales
+
+
+def test_demo_refuses_a_non_empty_folder_without_force(quick_demo, cli):
+    out, _ = quick_demo
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    result = cli("demo", "--out", out, "--quick", "--no-progress")
+    assert result.exit_code == 2
+    assert (
+        result.stderr.strip()
+        == f"error: {out}: is not empty (use --force to replace the demo's outputs in it)"
+    )
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_demo_into_a_file_is_refused(tmp_path: Path, cli):
+    (tmp_path / "file").write_text("mine")
+    result = cli("demo", "--out", tmp_path / "file", "--quick")
+    assert result.exit_code == 2 and "exists and is not a folder" in result.stderr
+    assert (tmp_path / "file").read_text() == "mine"
