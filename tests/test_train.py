@@ -124,6 +124,10 @@ def test_both_stages_with_cached_stage1_probabilities(volumes, tmp_path):
     bundle = load_model_dir(out)
     assert bundle.stage2 is not None and bundle.meta["stage2"]["fusion"] == "pre"
     assert {line.split(",")[0] for line in (out / "train_log.csv").read_text().splitlines()[1:]} == {"1", "2"}
+    written = (out / "stage1_cache" / "train_0.json").stat().st_mtime_ns
+    train(parse_config({**config, "stages": 2}, "cfg"), force=True)  # stage 2 again: the cache is reused
+    assert (out / "stage1_cache" / "train_0.json").stat().st_mtime_ns == written
+    assert (out / "stage1.pt").exists() and (out / "stage2.pt").exists()
 
 
 def _run(cli, tmp_path, config: dict, *args):

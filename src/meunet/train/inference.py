@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 from meunet.data.normalization import Normalization
-from meunet.infer import Input, SlidingWindow, labels_from_scores
+from meunet.infer import Input, SlidingWindow, labels_from_scores, predict_stage1
 from meunet.metrics import confusion_matrix, dice_from_confusion
+from meunet.models import Cascade
 
 
 def validation_dice(
@@ -60,42 +60,34 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def cached_stage1_probabilities(
-    stage1: torch.nn.Module,
+def cache_stage1_output(
+    cascade: Cascade,
     image,
     normalization: Normalization,
     engine: SlidingWindow,
     path: Path,
     key: dict,
-) -> zarr.Array:
-    """Stage-1 softmax probabilities of a whole volume, float16 Zarr (C, Z, Y, X), computed once.
+) -> None:
+    """Stage-1 output of a whole volume as float16 Zarr (C, Z, Y, X) at ``path``, computed once.
 
-    A Zarr at ``path`` whose ``meunet_stage1`` attribute equals ``key`` (which should name the weights'
-    digest, the image and the engine settings) is reused; otherwise it is computed slab by slab, written
-    to a temporary name and renamed over ``path``.
+    Written by :func:`meunet.infer.predict_stage1` (slab by slab, temporary name, rename); then ``key`` is
+    stored beside it as ``<name>.json``. A cache whose key file matches ``key`` (which should name the
+    stage-1 weights' digest, the image and the engine settings) is reused as it is.
 
     Args:
-        stage1: the stage-1 network in eval mode; ``stage1(window)`` returns logits.
+        cascade: the cascade in eval mode (its frozen stage 1 and ``stage1_output`` are used).
         image: the raw (Z, Y, X) image array (lazy allowed).
         normalization: applied to the image windows.
         engine: window, overlap, blend, device and precision.
-        path: where the cache lives.
+        path: the ``.zarr`` folder of the cache.
         key: JSON-serialisable identity of what the cache holds.
     """
+    key_file = path.with_suffix(".json")
     tag = json.dumps(key, sort_keys=True)
-    if path.exists():
-        cached = zarr.open_array(path, mode="r")
-        if cached.attrs.get("meunet_stage1") == tag:
-            return cached
-    n_classes = stage1.spec["n_classes"]
-    shape = (n_classes, *image.shape)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    chunks = (n_classes, *(min(64, s) for s in image.shape))
-    out = zarr.create_array(tmp, shape=shape, chunks=chunks, dtype="float16", fill_value=0)
-    for z0, scores in engine.stream(stage1, [image_input(image, normalization)], n_classes):
-        out[:, z0 : z0 + scores.shape[1]] = engine.probabilities_(scores).astype(np.float16)
-    out.attrs["meunet_stage1"] = tag
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return zarr.open_array(path, mode="r")
+    if path.exists() and key_file.exists() and key_file.read_text() == tag:
+        return
+    key_file.unlink(missing_ok=True)
+    predict_stage1(cascade, image_input(image, normalization), path, engine, force=True)
+    tmp = key_file.with_name(f".{key_file.name}.tmp")
+    tmp.write_text(tag)
+    os.replace(tmp, key_file)

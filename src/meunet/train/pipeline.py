@@ -20,7 +20,7 @@ from meunet.models import Cascade, MeUNet, UNet3D, load_model_dir, save_model_di
 from meunet.train.config import TrainConfig
 from meunet.train.data import TrainingData, open_array, prepare_data, resolve_split
 from meunet.train.inference import (
-    cached_stage1_probabilities,
+    cache_stage1_output,
     file_digest,
     image_input,
     probability_input,
@@ -165,6 +165,11 @@ def _train_stage1(config, data, meta, out, device, log, resume) -> bool:
 def _train_stage2(config, data, meta, out, device, log, resume) -> None:
     """Cache stage-1 probabilities of every volume (reused when still valid), then train stage 2."""
     stage1 = load_model_dir(out, device).stage1
+    torch.manual_seed(config.seed)
+    m, n_classes = config.model, len(data.split.classes)
+    in_channels = 1 + (n_classes if m.fusion == "pre" else 0)
+    unet = UNet3D(in_channels, n_classes, widths=m.widths, norm=m.norm, checkpointing=m.checkpointing)
+    net = Cascade(stage1, unet, m.fusion, "probs").to(device).eval()
     engine = _engine(config, device)
     digest = file_digest(out / "stage1.pt")
     caches: dict[str, list[Path]] = {"train": [], "validation": []}
@@ -178,14 +183,7 @@ def _train_stage2(config, data, meta, out, device, log, resume) -> None:
                 "window": list(engine.window),
                 "overlap": OVERLAP,
             }
-            cached_stage1_probabilities(
-                stage1, open_array(pair.image), data.normalization, engine, paths[-1], key
-            )
-    torch.manual_seed(config.seed)
-    m, n_classes = config.model, len(data.split.classes)
-    in_channels = 1 + (n_classes if m.fusion == "pre" else 0)
-    unet = UNet3D(in_channels, n_classes, widths=m.widths, norm=m.norm, checkpointing=m.checkpointing)
-    net = Cascade(stage1, unet, m.fusion, "probs").to(device)
+            cache_stage1_output(net, open_array(pair.image), data.normalization, engine, paths[-1], key)
     save_best = partial(save_model_dir, out, meta, stage1, net, force=True)
     _fit(2, net, config, data, out, device, log, resume, save_best, caches)
 
