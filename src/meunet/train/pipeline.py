@@ -13,6 +13,7 @@ import torch
 import zarr
 
 from meunet import __version__
+from meunet.data.normalization import Normalization
 from meunet.data.patches import PatchDataset
 from meunet.errors import InputError
 from meunet.infer import SlidingWindow
@@ -215,23 +216,21 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Pat
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed patch and window sizes: pick fast kernels
     _check_output(out, stages, resume, force)
     data = prepare_data(config, resolve_split(config))
-    if stages == [2]:
-        previous = load_model_dir(out).meta
-        if len(previous["classes"]) != len(data.split.classes):
+    previous = load_model_dir(out) if stages == [2] else None
+    if previous is not None:
+        if len(previous.classes) != len(data.split.classes):
             raise InputError(
                 out / "model.json",
-                f"stage 1 has {len(previous['classes'])} classes, the data {len(data.split.classes)}",
+                f"stage 1 has {len(previous.classes)} classes, the data {len(data.split.classes)}",
             )
-        data = TrainingData(
-            data.split,
-            data.index,
-            type(data.normalization).from_dict(previous["normalization"]),
-            data.spacing,
-        )
+        normalization = Normalization.from_dict(previous.meta["normalization"])
+        data = TrainingData(data.split, data.index, normalization, data.spacing)
     meta = _meta(config, data, data.normalization.to_dict())
     out.mkdir(parents=True, exist_ok=True)
     if force:
         _remove_outputs(out, stages)
+        if previous is not None:  # back to a stage-1 model directory
+            save_model_dir(out, meta, previous.stage1, None, force=True)
     log = TrainLog(out / "train_log.csv", data.split.classes)
     stage1_changed = 1 in stages and _train_stage1(config, data, meta, out, device, log, resume)
     if 2 in stages:
