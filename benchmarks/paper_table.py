@@ -20,7 +20,8 @@ learns them.
 Per run: Dice and IoU per class pooled over the test volumes, training wall time, prediction voxels per second
 (``meunet.infer.predict``); per configuration: activation bytes, peak memory and time of one training step
 (``meunet.bench.measure_memory``). Writes ``benchmarks/results/paper_table_<name>.json`` and rewrites
-``docs/results.md`` from every such JSON present.
+``docs/results.md`` from every such JSON present (with ``benchmarks/results/notes.md``, a person's reading
+of the numbers, where it exists).
 
     .venv/bin/python benchmarks/paper_table.py [--data synthetic|real] [--seeds 3] [--iterations 300]
         [--validations 2] [--shape Z Y X] [--threads N] [--paper-scale] [--device cpu|cuda]
@@ -55,6 +56,7 @@ from meunet.train import parse_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+NOTES = RESULTS / "notes.md"
 REAL = ROOT.parent / "shared" / "data" / "real"
 TITLES = {"synthetic": "Synthetic flies", "real": "Real microCT"}
 CONFIGS = ("unet-local", "unet-fov", "meunet", "cascade-pre", "cascade-post")
@@ -308,17 +310,24 @@ def summarize(records: list[dict]) -> dict[tuple[str, str], dict]:
 
 def verdicts(summary: dict[tuple[str, str], dict], data: str) -> str:
     """One sentence per baseline: does ``cascade-post`` beat it on mean foreground Dice beyond the seeds'
-    spread (difference larger than the root sum of squares of the two standard deviations)?"""
+    spread (difference larger than the root sum of squares of the two standard deviations)? With one seed
+    there is no spread, and the sentence says so."""
     post_mean, post_std = summary[(data, "cascade-post")]["foreground_dice"]
+    one_seed = summary[(data, "cascade-post")]["seeds"] == 1
     parts = []
     for config in CONFIGS[:-1]:
         mean, std = summary[(data, config)]["foreground_dice"]
         diff, spread = post_mean - mean, (post_std**2 + std**2) ** 0.5
+        if one_seed:
+            verdict = "scores above" if diff > 0 else "scores below" if diff < 0 else "ties with"
+            parts.append(f"{verdict} `{config}` ({diff:+.3f} mean foreground Dice)")
+            continue
         verdict = (
             "beats" if diff > spread else "loses to" if diff < -spread else "ties with (within the spread)"
         )
         parts.append(f"{verdict} `{config}` ({diff:+.3f} mean foreground Dice, spread {spread:.3f})")
-    return "The cascade with post-concatenation " + "; ".join(parts) + "."
+    caveat = " One seed only: differences of a few hundredths may be noise." if one_seed else ""
+    return "The cascade with post-concatenation " + "; ".join(parts) + "." + caveat
 
 
 def _pm(value: tuple[float, float]) -> str:
@@ -421,6 +430,8 @@ def results_markdown(runs: list[dict], images: Path) -> str:
 
     images.mkdir(parents=True, exist_ok=True)
     sections = [("What is compared", INTRO)]
+    if NOTES.exists():  # a person's reading of the numbers, kept beside the JSON files
+        sections.append(("What the numbers say", [NOTES.read_text().strip()]))
     for result in runs:
         budget = result["budget"]
         summary = summarize(result["records"])
