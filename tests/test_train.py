@@ -44,6 +44,7 @@ def _config(volumes: Path, output: Path, **overrides) -> dict:
         "model": {
             "classes": ["background", "ball", "core"],
             "widths": [2, 4, 4, 4, 4],
+            "norm": "batch",  # instance norm needs patches of 32 and more
             "checkpointing": False,
         },
         "data": {
@@ -149,6 +150,11 @@ def _run(cli, tmp_path, config: dict, *args):
         ({"training.batchsize": 2}, "training.batchsize: Extra inputs are not permitted"),
         ({"precision": "fp8"}, "precision: Input should be 'fp32', 'bf16' or 'fp16'"),
         ({"device": "gpu"}, "device: must be auto, cpu, cuda, cuda:N or mps"),
+        (
+            {"model.norm": "instance"},
+            "patch.size: instance norm needs sides of at least 32 (the bottleneck is 1/16 of the patch); "
+            "use a larger patch or model.norm: batch",
+        ),
         ({"data": {"train": []}}, "data: give a dataset, or at least one train and one validation pair"),
     ],
 )

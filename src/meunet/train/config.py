@@ -77,7 +77,7 @@ class ModelConfig(_Strict):
     classes: list[str] | None = Field(None, min_length=2)
     stage1: Literal["meunet", "unet"] = "meunet"
     widths: list[int] = Field([16, 32, 64, 128, 128], min_length=5, max_length=5)
-    norm: Literal["batch", "instance"] = "batch"
+    norm: Literal["batch", "instance"] = "instance"
     checkpointing: bool = True
     fusion: Literal["post", "pre"] = "post"
 
@@ -182,6 +182,15 @@ class TrainConfig(_Strict):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
 
+    @model_validator(mode="after")
+    def _norm_fits_patch(self) -> TrainConfig:
+        if self.model.norm == "instance" and min(self.patch.size) < 32:
+            raise ValueError(
+                "patch.size: instance norm needs sides of at least 32 (the bottleneck is 1/16 of the patch); "
+                "use a larger patch or model.norm: batch"
+            )
+        return self
+
 
 def parse_config(values: dict, source: str | Path, base_dir: str | Path | None = None) -> TrainConfig:
     """Validate a configuration mapping.
@@ -198,10 +207,10 @@ def parse_config(values: dict, source: str | Path, base_dir: str | Path | None =
         return TrainConfig.model_validate(values, context={"base_dir": base_dir})
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "config"
+        where = ".".join(str(part) for part in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        raise InputError(source, f"{where}: {message}{more}") from None
+        raise InputError(source, f"{where + ': ' if where else ''}{message}{more}") from None
 
 
 def load_config(path: str | Path) -> TrainConfig:
