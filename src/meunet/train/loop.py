@@ -211,11 +211,11 @@ def fit_stage(
         scaler.update()
         progress.iteration += 1
         progress.position += batch_size
-        for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + value.item()
+        values = {key: value.item() for key, value in losses.items()}
+        sums = {key: sums.get(key, 0.0) + value for key, value in values.items()}
         steps += 1
         bar.update()
-        bar.set_postfix(loss=f"{losses['loss'].item():.4f}", refresh=False)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
         if progress.iteration % every and progress.iteration < total:
             continue
         speed = steps / (time.perf_counter() - interval)
