@@ -34,7 +34,12 @@ def unet_model(tmp_path_factory) -> Path:
     config = {
         "output": str(folder / "model"),
         "stages": 1,
-        "model": {"classes": ["background", "ball"], "stage1": "unet", "widths": [2, 4, 4, 4, 4]},
+        "model": {
+            "classes": ["background", "ball"],
+            "stage1": "unet",
+            "widths": [2, 4, 4, 4, 4],
+            "norm": "batch",
+        },
         "data": {
             "train": pairs[:1],
             "validation": pairs[1:],
