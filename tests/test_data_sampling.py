@@ -74,6 +74,22 @@ def test_index_over_volumes_sums_kept_counts():
         build_index(vols[1:], ["b"], 3, (16, 16, 16), (8, 8, 8), 0.98, 0.0, seed=3)
 
 
+def test_oversampling_balances_a_rare_class_and_zero_is_a_plain_permutation():
+    counts = np.zeros((1000, 3), np.int64)
+    counts[:, 0] = 4096
+    counts[:300, 1] = 500  # a common class in 30 % of the patches
+    counts[990:, 2] = [1, 1, 1, 1, 1, 1, 1, 1, 1, 400]  # a rare one in 1 %, mostly in the last patch
+    plain = sample_order(7, 2, counts)
+    assert np.array_equal(np.sort(plain), np.arange(1000))
+    assert np.array_equal(plain, sample_order(7, 2, counts, 0.0))
+    draws = np.concatenate([sample_order(7, epoch, counts, 0.33) for epoch in range(20)])
+    assert np.array_equal(draws[:1000], sample_order(7, 0, counts, 0.33))  # a function of (seed, epoch)
+    rare = np.isin(draws, np.arange(990, 1000)).mean()
+    assert 0.33 / 2 * 0.8 < rare < 0.33 / 2 + 0.01 * 1.2 + 0.02  # half the oversampled draws, plus chance
+    assert (draws == 999).sum() > 10 * (draws == 990).sum()  # proportional to the class's voxels
+    assert np.array_equal(sample_order(7, 2, counts[:, :1], 0.33), sample_order(7, 2, counts[:, :1]))
+
+
 def test_read_padded_fills_outside():
     a = np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6)
     out = read_padded(a, (-2, 3, 4), (4, 4, 4), fill=7)
@@ -107,11 +123,11 @@ def test_dataset_cuts_aligned_context_and_is_a_function_of_k():
     assert sample["label"].dtype == torch.uint8
     assert torch.equal(sample["context_image"][:, 4:20, 4:20, 4:20], sample["image"])
     assert torch.equal(sample["context_label"][4:20, 4:20, 4:20], sample["label"])
-    z, y, x = index.start[sample_order(5, 1, len(index))[3]]
+    z, y, x = index.start[sample_order(5, 1, index.counts)[3]]
     assert np.array_equal(sample["label"].numpy(), read_padded(labels, (z, y, x), (16, 16, 16)))
     fresh = PatchDataset([lambda: image], [lambda: labels], index, (16, 16, 16), (24, 24, 24), norm, seed=5)
     assert torch.equal(fresh[k]["context_image"], sample["context_image"])
-    corner = ds[int(np.flatnonzero(sample_order(5, 0, len(index)) == 0)[0])]  # patch at (0, 0, 0)
+    corner = ds[int(np.flatnonzero(sample_order(5, 0, index.counts) == 0)[0])]  # patch at (0, 0, 0)
     assert (corner["context_image"][0, :4] == norm.apply(np.zeros(1))[0]).all()  # raw 0 outside
 
 

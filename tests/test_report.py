@@ -50,6 +50,28 @@ def test_cli_evaluate_json_overlay(cli, tmp_path):
         assert len(np.unique(np.asarray(png.convert("RGB")).reshape(-1, 3), axis=0)) > 3  # classes drawn
 
 
+def test_overlay_draws_the_scan_in_grey_under_the_labels(cli, tmp_path):
+    pred, truth = _labels()
+    image = np.random.default_rng(0).integers(0, 60000, truth.shape).astype(np.uint16)
+    for name, array in (("pred.npy", pred), ("truth.npy", truth), ("image.npy", image)):
+        np.save(tmp_path / name, array)
+    args = ("evaluate", tmp_path / "pred.npy", tmp_path / "truth.npy", "--overlay")
+    assert cli(*args, tmp_path / "plain.png").exit_code == 0
+    assert cli(*args, tmp_path / "scan.png", "--image", tmp_path / "image.npy").exit_code == 0
+    pixels = {}
+    for name in ("plain", "scan"):
+        with Image.open(tmp_path / f"{name}.png") as png:
+            rgb = np.asarray(png.convert("RGB")).reshape(-1, 3).astype(int)
+        grey = (rgb[:, 0] == rgb[:, 1]) & (rgb[:, 1] == rgb[:, 2]) & (rgb[:, 0] > 40) & (rgb[:, 0] < 215)
+        pixels[name] = grey.sum()
+    # Mid-grey pixels: only anti-aliased text without the scan; the noisy scan's background with it.
+    assert 20 * pixels["plain"] < pixels["scan"], pixels
+    np.save(tmp_path / "image.npy", image[1:])
+    result = cli(*args, tmp_path / "bad.png", "--image", tmp_path / "image.npy")
+    assert result.exit_code == 2 and "image.npy" in result.stderr and "differs" in result.stderr
+    assert not (tmp_path / "bad.png").exists()
+
+
 def test_cli_evaluate_bad_input(cli, tmp_path):
     pred, truth = _labels()
     np.save(tmp_path / "pred.npy", pred[:-1])

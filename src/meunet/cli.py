@@ -286,6 +286,9 @@ def evaluate_command(
     truth: Path = typer.Argument(..., help="True labels, same shape; its spacing is used."),
     json_file: Path | None = typer.Option(None, "--json", help="Write the scores as JSON."),
     overlay: Path | None = typer.Option(None, "--overlay", help="Write a PNG: 3 planes, prediction | truth."),
+    image: Path | None = typer.Option(
+        None, "--image", help="The scan, drawn in grey under --overlay's labels."
+    ),
     class_names: str | None = typer.Option(
         None, "--class-names", help="Names by label value, comma-separated, e.g. background,gut,crop."
     ),
@@ -295,7 +298,9 @@ def evaluate_command(
     from meunet.metrics import evaluate
 
     names = None if class_names is None else [n.strip() for n in class_names.split(",")]
-    result = evaluate(pred, truth, class_names=names, json_file=json_file, overlay=overlay, force=force)
+    result = evaluate(
+        pred, truth, class_names=names, json_file=json_file, overlay=overlay, image=image, force=force
+    )
     header = "".join(f"{h:>8}" for h in ("dice", "iou", "prec", "recall"))
     typer.echo(f"{'class':<14}{header}{'hd95 mm':>10}{'pred mm3':>14}{'true mm3':>14}")
     for c in result["classes"]:
@@ -309,7 +314,9 @@ def evaluate_command(
 @app.command("demo")
 def demo_command(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder (data, model, report)."),
-    quick: bool = typer.Option(False, "--quick", help="A one-minute version (tiny volumes and model)."),
+    quick: bool = typer.Option(
+        False, "--quick", help="A seconds-long check of every step (tiny volumes and model)."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace the outputs of an earlier demo in --out."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
 ) -> None:

@@ -61,7 +61,7 @@ class DemoSettings:
     validations: int
 
 
-FULL = DemoSettings((192, 96, 96), 6, (8, 16, 32, 64, 64), 32, 2, (600, 300), 3)
+FULL = DemoSettings((192, 96, 96), 6, (8, 16, 32, 64, 64), 32, 2, (1200, 600), 4)
 QUICK = DemoSettings((64, 64, 64), 3, (4, 8, 16, 16, 16), 32, 2, (16, 8), 1)
 
 
@@ -122,7 +122,7 @@ def run_demo(
 
     Args:
         out: output folder (created); see the module docstring for its content.
-        quick: the small settings :data:`QUICK` (about a minute) instead of :data:`FULL`.
+        quick: the small settings :data:`QUICK` (seconds; checks every step) instead of :data:`FULL`.
         force: replace the outputs of an earlier demo in ``out``; without it a non-empty ``out`` is refused.
         progress: show progress bars.
 
@@ -164,6 +164,7 @@ def run_demo(
         class_names=classes,
         json_file=out / "evaluation.json",
         overlay=out / "overlay.png",
+        image=out / "data" / test["image"],
     )
     memory = {
         "demo": measure_memory(

@@ -215,6 +215,7 @@ def evaluate(
     class_names: Sequence[str] | None = None,
     json_file: str | os.PathLike[str] | None = None,
     overlay: str | os.PathLike[str] | None = None,
+    image: str | os.PathLike[str] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """``meunet evaluate``: :func:`evaluate_labels` of two label files, with the truth's spacing.
@@ -225,6 +226,7 @@ def evaluate(
         json_file: write the result as JSON (NaN and inf as null).
         overlay: write a PNG of three orthogonal slices, prediction beside truth
             (:func:`meunet.report.save_overlay`).
+        image: the scan (same shape), drawn in grey under the overlay's labels.
         force: overwrite existing ``json_file`` / ``overlay``.
 
     Returns:
@@ -240,11 +242,15 @@ def evaluate(
         if out is not None and Path(out).exists() and not force:
             raise InputError(out, "output exists; use --force to overwrite it")
     volumes = {"prediction": (pred, open_volume(pred)), "truth": (truth, open_volume(truth))}
+    if image is not None:
+        volumes["image"] = (image, open_volume(image))
     arrays = {name: volume.array for name, (_, volume) in volumes.items()}
-    if arrays["prediction"].shape != arrays["truth"].shape:
-        raise InputError(
-            pred, f"shape {arrays['prediction'].shape} differs from the truth's {arrays['truth'].shape}"
-        )
+    for name in ("prediction", "image"):
+        if name in arrays and arrays[name].shape != arrays["truth"].shape:
+            raise InputError(
+                volumes[name][0],
+                f"shape {arrays[name].shape} differs from the truth's {arrays['truth'].shape}",
+            )
     spacing = volumes["truth"][1].spacing
     n_classes = None if class_names is None else len(class_names)
     try:
@@ -262,9 +268,8 @@ def evaluate(
     if overlay is not None:
         from meunet.report import save_overlay
 
-        save_overlay(
-            arrays["prediction"], arrays["truth"], overlay, spacing, [e["name"] for e in result["classes"]]
-        )
+        names = [e["name"] for e in result["classes"]]
+        save_overlay(arrays["prediction"], arrays["truth"], overlay, spacing, names, arrays.get("image"))
     return result
 
 

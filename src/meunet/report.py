@@ -82,6 +82,7 @@ def save_overlay(
     path: str | os.PathLike[str],
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
     class_names: Sequence[str] | None = None,
+    image=None,
 ) -> Path:
     """PNG of three orthogonal slices through the truth's foreground: prediction (left) beside truth (right).
 
@@ -90,6 +91,9 @@ def save_overlay(
         path: the PNG to write (temporary name, then renamed).
         spacing_mm: voxel size (z, y, x), for the aspect ratio of each plane.
         class_names: legend names by label value (default ``label 0``, ``label 1``, ...).
+        image: the (Z, Y, X) scan (any real dtype, same shape), or None. Given, each plane shows it in grey
+            (0.5/99.5 percentiles of the three planes as black and white) with the foreground labels on top
+            at 45 % opacity; without it, the label maps alone on black.
 
     Returns:
         ``path``.
@@ -103,13 +107,26 @@ def save_overlay(
     cmap = label_colormap(n_classes)
     sz, sy, sx = spacing_mm
     aspects = (sy / sx, sz / sx, sz / sy)
+    grey = None if image is None else orthogonal_slices(image, centre)
+    if grey is not None:
+        low, high = np.percentile(np.concatenate([g.ravel() for g in grey]).astype(np.float32), (0.5, 99.5))
     fig = Figure(figsize=(8, 11), layout="constrained")
     axes = fig.subplots(3, 2)
     for row, (plane, aspect, index) in enumerate(zip(PLANES, aspects, centre, strict=True)):
         for col, (title, slices) in enumerate(zip(("prediction", "truth"), planes, strict=True)):
             ax = axes[row, col]
+            labels = slices[row]
+            if grey is not None:
+                ax.imshow(grey[row], cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect)
+                labels = np.ma.masked_equal(labels, 0)
             ax.imshow(
-                slices[row], cmap=cmap, vmin=0, vmax=n_classes - 1, interpolation="nearest", aspect=aspect
+                labels,
+                cmap=cmap,
+                vmin=0,
+                vmax=n_classes - 1,
+                interpolation="nearest",
+                aspect=aspect,
+                alpha=None if grey is None else 0.45,
             )
             ax.set_title(f"{title}, {plane} = {index}")
             ax.set_axis_off()

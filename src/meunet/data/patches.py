@@ -67,9 +67,33 @@ def scan_image(array, path: str | PathLike[str], max_samples: int = 2_000_000) -
     return np.concatenate(samples)
 
 
-def sample_order(seed: int, epoch: int, count: int) -> np.ndarray:
-    """The seeded order (int64 permutation of ``count`` patch numbers) of one epoch."""
-    return np.random.default_rng([seed, epoch]).permutation(count)
+def sample_order(seed: int, epoch: int, counts: np.ndarray, oversample: float = 0.0) -> np.ndarray:
+    """The seeded order of one epoch: which kept patch each of its K samples reads.
+
+    A permutation of the K patches, in which a fraction ``oversample`` of the positions (each position with
+    that probability) is replaced by a patch drawn to hold foreground: a class chosen uniformly among the
+    foreground classes present in some patch, then a patch with probability proportional to its voxels of
+    that class. This is nnU-Net's foreground oversampling, made class-balanced so that a rare class (a
+    small organ) is seen as often as a large one; ``oversample=0`` is the paper's plain grid sampling.
+
+    Args:
+        seed, epoch: seed the draws.
+        counts: int64 (K, C) voxels per class in each kept patch (:attr:`PatchIndex.counts`).
+        oversample: fraction in [0, 1] of positions replaced.
+
+    Returns:
+        int64 (K,) patch numbers.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(counts))
+    present = np.flatnonzero(counts[:, 1:].any(axis=0)) + 1
+    if oversample > 0 and present.size:
+        positions = np.flatnonzero(rng.random(len(counts)) < oversample)
+        classes = rng.choice(present, positions.size)
+        for c in present:
+            chosen = positions[classes == c]
+            order[chosen] = rng.choice(len(counts), chosen.size, p=counts[:, c] / counts[:, c].sum())
+    return order
 
 
 class PatchDataset(torch.utils.data.Dataset):
@@ -89,6 +113,7 @@ class PatchDataset(torch.utils.data.Dataset):
         normalization: applied to image patches.
         seed: seeds the per-epoch order.
         stage1: per training volume, a callable returning its (C, Z, Y, X) stage-1 probabilities, or None.
+        oversample: fraction of samples drawn to hold a foreground class (see :func:`sample_order`).
     """
 
     def __init__(
@@ -101,10 +126,11 @@ class PatchDataset(torch.utils.data.Dataset):
         normalization: Normalization,
         seed: int,
         stage1: Sequence[Callable] | None = None,
+        oversample: float = 0.0,
     ) -> None:
         self.openers = {"image": images, "label": labels, "stage1": stage1}
         self.index, self.patch, self.context = index, patch, context
-        self.normalization, self.seed = normalization, seed
+        self.normalization, self.seed, self.oversample = normalization, seed, oversample
         self._arrays: dict[str, list] | None = None
         self._order: tuple[int, np.ndarray] | None = None
 
@@ -123,7 +149,7 @@ class PatchDataset(torch.utils.data.Dataset):
     def _patch_number(self, k: int) -> int:
         epoch, position = divmod(k, len(self.index))
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, sample_order(self.seed, epoch, len(self.index)))
+            self._order = (epoch, sample_order(self.seed, epoch, self.index.counts, self.oversample))
         return int(self._order[1][position])
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:

@@ -123,15 +123,20 @@ class PatchIndex:
     Attributes:
         volume: int64 (K,) volume number of each patch.
         start: int64 (K, 3) start (z, y, x) of each local patch; may reach past the volume's end.
-        class_counts: int64 (C,) voxels per class summed over the kept patches (for the loss weights).
+        counts: int64 (K, C) voxels per class in each patch.
     """
 
     volume: np.ndarray
     start: np.ndarray
-    class_counts: np.ndarray
+    counts: np.ndarray
 
     def __len__(self) -> int:
         return len(self.volume)
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        """int64 (C,) voxels per class summed over the kept patches (for the loss weights)."""
+        return self.counts.sum(axis=0)
 
 
 def build_index(
@@ -156,14 +161,14 @@ def build_index(
     Raises:
         InputError: a label value outside the classes, or no patch kept at all.
     """
-    volumes, starts, counts = [], [], np.zeros(n_classes, dtype=np.int64)
+    volumes, starts, counts = [], [], []
     for i, (array, path) in enumerate(zip(labels, paths, strict=True)):
         grid, patch_counts = patch_class_counts(array, n_classes, patch, step, path)
         kept = keep_mask(patch_counts, threshold, keep_probability, np.random.default_rng([seed, i]))
         volumes.append(np.full(kept.sum(), i, dtype=np.int64))
         starts.append(grid[kept])
-        counts += patch_counts[kept].sum(axis=0)
-    index = PatchIndex(np.concatenate(volumes), np.concatenate(starts), counts)
+        counts.append(patch_counts[kept])
+    index = PatchIndex(*(np.concatenate(parts) for parts in (volumes, starts, counts)))
     if len(index) == 0:
         raise InputError(paths[0], "every training patch is background; nothing to train on")
     return index

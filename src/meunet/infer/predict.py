@@ -32,7 +32,7 @@ from meunet.io import Volume, VolumeWriter, create_writer, open_volume
 
 SKIP_MARGIN = 10.0  # a skipped window's logits: 0 for background, -SKIP_MARGIN for the others
 ACTIVATION_FACTOR = 9  # inference activations ~ this x top width x window voxels x 4 bytes (measured, CPU)
-RUNTIME_BYTES = 128 << 20  # thread pools and allocator caches that forward passes and writers add
+RUNTIME_BYTES = 192 << 20  # thread pools and allocator caches that forward passes and writers add
 
 
 class ProbabilityWriter(VolumeWriter):
@@ -309,8 +309,8 @@ def estimate_peak_bytes(bundle, engine: SlidingWindow, volume: Volume, probabili
     float16 output for a cascade); one batch of windows in and out; network activations (about
     ``ACTIVATION_FACTOR`` float32 maps of the top level's width per window voxel, measured on CPU); and the
     output slabs (uint8 labels, float32 scores, float16 probabilities) of one window depth plus one chunk,
-    twice (the writers copy). On CPU (benchmarks/infer_vs_monai.py, docs/inference.md) it came out 1.5 to
-    5 % above the measured peak resident memory.
+    twice (the writers copy). On CPU (benchmarks/infer_vs_monai.py, docs/inference.md) it came out 3 to
+    8 % above the measured peak resident memory.
     """
     wz, wy, wx = engine.window
     y, x = (max(s, w) for s, w in zip(volume.array.shape[1:], engine.window[1:], strict=True))

@@ -97,6 +97,7 @@ class PatchConfig(_Strict):
     grid_step: Triple | None = None
     background_threshold: float = Field(0.98, gt=0.0, le=1.0)
     background_keep: float = Field(0.05, ge=0.0, le=1.0)
+    foreground_oversample: float = Field(0.33, ge=0.0, le=1.0)
 
     @field_validator("size")
     @classmethod

@@ -128,6 +128,7 @@ def _fit(number, net, config, data, out, device, log, resume, save_best, caches=
         norm,
         config.seed,
         None if caches is None else [partial(zarr.open_array, str(p), mode="r") for p in caches["train"]],
+        config.patch.foreground_oversample,
     )
     engine = _engine(config, device)
 
