@@ -35,6 +35,7 @@ def test_quick_demo_prints_dice_per_class_and_the_report(quick_demo):
     assert math.isclose(
         summary["mean_foreground_dice"], (summary["dice"]["gut"] + summary["dice"]["crop"]) / 2
     )
+    assert summary["dice"]["gut"] > 0.5  # even the quick run learns the gut (0.71 on the development machine)
     assert f"report: {out / 'report.html'}" in stdout
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert [c["dice"] for c in evaluation["classes"]] == list(summary["dice"].values())

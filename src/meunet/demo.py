@@ -48,6 +48,7 @@ class DemoSettings:
         widths: five encoder widths of both stages.
         patch: local patch side; the context side is 1.5 times it.
         batch: patches per step.
+        learning_rate: Adam's step size.
         iterations: training steps of stage 1 and of stage 2.
         validations: validations per stage (the best one's weights are kept).
     """
@@ -57,12 +58,13 @@ class DemoSettings:
     widths: tuple[int, int, int, int, int]
     patch: int
     batch: int
+    learning_rate: float
     iterations: tuple[int, int]
     validations: int
 
 
-FULL = DemoSettings((192, 96, 96), 6, (8, 16, 32, 64, 64), 32, 2, (1200, 600), 4)
-QUICK = DemoSettings((64, 64, 64), 3, (4, 8, 16, 16, 16), 32, 2, (16, 8), 1)
+FULL = DemoSettings((192, 96, 96), 6, (8, 16, 32, 64, 64), 32, 2, 9e-4, (1200, 600), 4)
+QUICK = DemoSettings((128, 64, 64), 5, (8, 16, 32, 32, 32), 32, 4, 2e-3, (150, 50), 1)
 
 
 def train_mapping(out: Path, dataset: Path, settings: DemoSettings, progress: bool, seed: int = 0) -> dict:
@@ -86,7 +88,11 @@ def train_mapping(out: Path, dataset: Path, settings: DemoSettings, progress: bo
             "checkpointing": False,
         },
         "patch": {"size": settings.patch},
-        "training": {"batch_size": settings.batch, "progress": progress},
+        "training": {
+            "batch_size": settings.batch,
+            "learning_rate": settings.learning_rate,
+            "progress": progress,
+        },
     }
 
 
@@ -122,7 +128,7 @@ def run_demo(
 
     Args:
         out: output folder (created); see the module docstring for its content.
-        quick: the small settings :data:`QUICK` (seconds; checks every step) instead of :data:`FULL`.
+        quick: the small settings :data:`QUICK` (about 2 minutes) instead of :data:`FULL`.
         force: replace the outputs of an earlier demo in ``out``; without it a non-empty ``out`` is refused.
         progress: show progress bars.
 
