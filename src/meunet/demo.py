@@ -269,7 +269,10 @@ def _report(out: Path, summary: dict, evaluation: dict, memory: dict) -> tuple[P
             [
                 dice,
                 f"Mean foreground Dice: {summary['mean_foreground_dice']:.3f}." + _missed(evaluation),
-                Picture(out / "overlay.png", "Three planes through the test volume: prediction and truth"),
+                Picture(
+                    out / "overlay.png",
+                    "Three planes through the test volume: prediction and truth over the scan",
+                ),
             ],
         ),
         (

@@ -82,7 +82,7 @@ def save_overlay(
     path: str | os.PathLike[str],
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
     class_names: Sequence[str] | None = None,
-    image=None,
+    image: Any = None,
 ) -> Path:
     """PNG of three orthogonal slices through the truth's foreground: prediction (left) beside truth (right).
 
