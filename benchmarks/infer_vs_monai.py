@@ -7,17 +7,20 @@ subprocess that only imports meunet and torch and loads the model gives the base
 its rows). Ours reads the input
 slab by slab from a .npy file and writes Zarr labels; MONAI gets the normalised volume as one float32 tensor
 (its interface) and its labels are saved to .npy. Two depths show how memory grows with the volume; a
-paper-size run (1072 x 470 x 470 by default) shows ours at scale. Prints a table and writes JSON.
+paper-size run (1072 x 470 x 470 by default) shows ours at scale. Every subprocess, ours and MONAI's alike,
+runs with the glibc allocator settings that the ``meunet`` program uses (``--allocator meunet``, the default)
+or with glibc's defaults (``--allocator glibc``). Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/infer_vs_monai.py [--yx 256 256] [--depths 128 256] [--window 96]
         [--overlap 0.5] [--paper 1072 470 470] [--paper-overlap 0.5] [--parts compare paper] [--threads 2]
-        [--json FILE]
+        [--allocator meunet|glibc] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -62,7 +65,12 @@ def _child(kind: str, model_dir: str, image: str, output: str, window: int, over
 def _run(kind: str, model_dir: Path, image: Path, output: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, str(model_dir), str(image), str(output)]
     cmd += ["--window", str(args.window), "--overlap", str(args.overlap), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if args.allocator == "meunet":
+        from meunet.cli import GLIBC_TUNABLES
+
+        env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -148,6 +156,10 @@ def main() -> None:
         help="compare: ours and MONAI at the two depths; paper: ours at paper size",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every subprocess")
+    parser.add_argument(
+        "--allocator", choices=["meunet", "glibc"], default="meunet",
+        help="glibc allocator settings of every subprocess: the meunet program's, or glibc's defaults",
+    )  # fmt: skip
     parser.add_argument(
         "--json", type=Path, default=Path("infer_vs_monai.json"), help="rewritten after each run"
     )

@@ -7,6 +7,9 @@ and exit status 2. Commands live here; the work lives in the stage modules (``me
 
 from __future__ import annotations
 
+import os
+import platform
+import sys
 from pathlib import Path
 
 import click
@@ -15,6 +18,14 @@ from typer.core import TyperGroup
 
 from meunet import __version__
 from meunet.errors import InputError
+
+# glibc's allocator settings for every ``meunet`` process (docs/inference.md, "The allocator"): blocks of
+# 1 MiB and more (every activation map of a 3D network) are mapped on allocation and returned to the system
+# when freed, so the peak memory of a forward pass no longer depends on how the heap happens to be fragmented
+# (with two torch threads it varied by +-60 MiB from pass to pass); the heap and those blocks use transparent
+# huge pages where the kernel allows it (mode "madvise"), which more than pays for the mapping. The variable
+# is read only when a process starts, so :func:`main` starts the program again with it.
+GLIBC_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=1048576"
 
 
 class _Group(TyperGroup):
@@ -48,7 +59,8 @@ def version() -> None:
     """Print the meunet and torch versions."""
     import torch
 
-    typer.echo(f"meunet {__version__} (torch {torch.__version__})")
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    typer.echo(f"meunet {__version__} (torch {torch.__version__}; GLIBC_TUNABLES={tunables or '(unset)'})")
 
 
 @app.command()
@@ -167,7 +179,6 @@ def bench_memory(
 ) -> None:
     """Memory of one training step (forward, W_D loss, backward): baselines, meU-net, cascades."""
     import json
-    import os
 
     for out in (json_file, plot):
         if out is not None and out.exists() and not force:
@@ -331,8 +342,12 @@ def demo_command(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: on Linux with glibc, when ``GLIBC_TUNABLES`` is not set, the program is
+    started again with :data:`GLIBC_TUNABLES` (setting the variable, even to nothing, keeps yours)."""
+    if "GLIBC_TUNABLES" not in os.environ and sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+        os.environ["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+        os.execv(sys.executable, [sys.executable, "-m", "meunet.cli", *sys.argv[1:]])
+    app(prog_name="meunet")
 
 
 if __name__ == "__main__":
