@@ -67,7 +67,7 @@ def _run(kind: str, model_dir: Path, image: Path, output: Path, args) -> dict:
     cmd += ["--window", str(args.window), "--overlap", str(args.overlap), "--threads", str(args.threads)]
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     if args.allocator == "meunet":
-        from meunet.cli import GLIBC_TUNABLES
+        from meunet import GLIBC_TUNABLES
 
         env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout

@@ -5,8 +5,7 @@ import sys
 
 import pytest
 
-from meunet import __version__
-from meunet.cli import GLIBC_TUNABLES
+from meunet import GLIBC_TUNABLES, __version__
 
 
 def test_version(cli):

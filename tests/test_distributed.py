@@ -18,6 +18,7 @@ import torch
 import zarr
 from torch import nn
 
+from meunet import GLIBC_TUNABLES
 from meunet.data.normalization import Normalization
 from meunet.distributed import (
     SCRATCH,
@@ -223,6 +224,14 @@ def test_downsample_mode_takes_the_most_frequent_label_of_each_cell():
     for z, y, x in np.ndindex(got.shape):
         cell = labels[2 * z : 2 * z + 2, 2 * y : 2 * y + 2, 2 * x : 2 * x + 2]
         assert got[z, y, x] == np.argmax(np.bincount(cell.ravel(), minlength=4))
+
+
+def test_local_workers_start_with_meunets_allocator_settings(client):
+    def environ() -> tuple:
+        return os.environ.get("GLIBC_TUNABLES"), os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+    expected = (os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES), None)
+    assert set(client.run(environ).values()) == {expected}
 
 
 def test_worker_killed_mid_run_does_not_change_the_output(data, client, tmp_path):

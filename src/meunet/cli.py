@@ -16,16 +16,8 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from meunet import __version__
+from meunet import GLIBC_TUNABLES, __version__
 from meunet.errors import InputError
-
-# glibc's allocator settings for every ``meunet`` process (docs/inference.md, "The allocator"): blocks of
-# 1 MiB and more (every activation map of a 3D network) are mapped on allocation and returned to the system
-# when freed, so the peak memory of a forward pass no longer depends on how the heap happens to be fragmented
-# (with two torch threads it varied by +-60 MiB from pass to pass); the heap and those blocks use transparent
-# huge pages where the kernel allows it (mode "madvise"), which more than pays for the mapping. The variable
-# is read only when a process starts, so :func:`main` starts the program again with it.
-GLIBC_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=1048576"
 
 
 class _Group(TyperGroup):
