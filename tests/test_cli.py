@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from meunet import GLIBC_TUNABLES, __version__
+import meunet
+from meunet import __version__
 
 
 def test_version(cli):
@@ -23,12 +24,32 @@ def _console_script(*args: str, **env: str) -> str:
     ).stdout
 
 
-@pytest.mark.skipif(
+glibc = pytest.mark.skipif(
     sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="the allocator settings are glibc's"
 )
-def test_entry_point_restarts_with_the_allocator_settings_unless_the_user_set_them():
-    assert f"GLIBC_TUNABLES={GLIBC_TUNABLES})" in _console_script("version")
+
+
+@glibc
+def test_entry_point_restarts_with_the_allocator_settings_unless_the_user_set_them(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    expected = meunet.allocator_tunables() or "(unset)"
+    assert f"GLIBC_TUNABLES={expected})" in _console_script("version")
     assert "GLIBC_TUNABLES=(unset))" in _console_script("version", GLIBC_TUNABLES="")
     assert "GLIBC_TUNABLES=glibc.malloc.arena_max=1)" in _console_script(
         "version", GLIBC_TUNABLES="glibc.malloc.arena_max=1"
     )
+
+
+@glibc
+def test_allocator_settings_need_huge_pages_and_yield_to_the_users(monkeypatch, tmp_path):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    setting = tmp_path / "enabled"
+    monkeypatch.setattr(meunet, "THP_SETTING", setting)
+    assert meunet.allocator_tunables() is None  # no such file: no huge pages known
+    for mode in ("[always] madvise never", "always [madvise] never"):
+        setting.write_text(mode + "\n")
+        assert meunet.allocator_tunables() == meunet.GLIBC_TUNABLES
+    setting.write_text("always madvise [never]\n")
+    assert meunet.allocator_tunables() is None
+    monkeypatch.setenv("GLIBC_TUNABLES", "")
+    assert meunet.allocator_tunables() == ""

@@ -18,7 +18,7 @@ import torch
 import zarr
 from torch import nn
 
-from meunet import GLIBC_TUNABLES
+from meunet import allocator_tunables
 from meunet.data.normalization import Normalization
 from meunet.distributed import (
     SCRATCH,
@@ -230,7 +230,7 @@ def test_local_workers_start_with_meunets_allocator_settings(client):
     def environ() -> tuple:
         return os.environ.get("GLIBC_TUNABLES"), os.environ.get("MALLOC_TRIM_THRESHOLD_")
 
-    expected = (os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES), None)
+    expected = (allocator_tunables(), None)
     assert set(client.run(environ).values()) == {expected}
 
 

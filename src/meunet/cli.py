@@ -8,7 +8,6 @@ and exit status 2. Commands live here; the work lives in the stage modules (``me
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from meunet import GLIBC_TUNABLES, __version__
+from meunet import __version__, allocator_tunables
 from meunet.errors import InputError
 
 
@@ -334,10 +333,12 @@ def demo_command(
 
 
 def main() -> None:
-    """Console-script entry point: on Linux with glibc, when ``GLIBC_TUNABLES`` is not set, the program is
-    started again with :data:`GLIBC_TUNABLES` (setting the variable, even to nothing, keeps yours)."""
-    if "GLIBC_TUNABLES" not in os.environ and sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
-        os.environ["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+    """Console-script entry point: where ``GLIBC_TUNABLES`` is not set and
+    :func:`meunet.allocator_tunables` gives a value, the program is started again with it (setting the
+    variable, even to nothing, keeps yours)."""
+    tunables = allocator_tunables()
+    if "GLIBC_TUNABLES" not in os.environ and tunables is not None:
+        os.environ["GLIBC_TUNABLES"] = tunables
         os.execv(sys.executable, [sys.executable, "-m", "meunet.cli", *sys.argv[1:]])
     app(prog_name="meunet")
 

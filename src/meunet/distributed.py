@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from meunet import GLIBC_TUNABLES
+from meunet import allocator_tunables
 from meunet.errors import InputError
 from meunet.infer.window import Input, SlidingWindow, WindowCounts
 
@@ -39,7 +39,7 @@ DIRECT_FORMATS = ("zarr", "ome-zarr", "npy")  # read block by block in place; ot
 PYRAMID_LEVELS = 3
 # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also fixes glibc's mmap threshold at 128 KiB:
 # every activation of the network is then mmap-ed and unmapped, and prediction runs ~1.7x slower (measured).
-# local:N workers start without it and with meunet.GLIBC_TUNABLES (unless the client's environment sets them).
+# local:N workers start without it and with meunet.allocator_tunables().
 PRE_SPAWN_ENVIRON = "distributed.nanny.pre-spawn-environ"
 SCRATCH = "meunet-blocks"  # inside the output writer's partial folder: markers, settings, converted input
 
@@ -241,7 +241,7 @@ def connect(scheduler: str) -> Iterator[Any]:
             dask.config.set(
                 {
                     f"{PRE_SPAWN_ENVIRON}.MALLOC_TRIM_THRESHOLD_": None,
-                    f"{PRE_SPAWN_ENVIRON}.GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES),
+                    f"{PRE_SPAWN_ENVIRON}.GLIBC_TUNABLES": allocator_tunables(),
                 }
             ),
             LocalCluster(
