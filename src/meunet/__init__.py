@@ -15,9 +15,9 @@ __version__ = "0.1.0"
 # when freed, so the peak memory of a forward pass no longer depends on how the heap happens to be fragmented
 # (with two torch threads it varied by +-60 MiB from pass to pass); the heap and those blocks use transparent
 # huge pages where the kernel allows it (mode "madvise"), which more than pays for the mapping in prediction
-# (CPU training of small patches gets 4 to 13 % slower: docs/demo.md). The variable
-# is read only when a process starts, so ``meunet.cli.main`` starts the program again with it, and
-# ``local:N`` Dask clusters start their workers with it.
+# (CPU training of small patches gets 4 to 13 % slower: docs/demo.md). The variable is read only when a
+# process starts, so ``meunet.cli.main`` starts the program again with it, and ``local:N`` Dask clusters
+# start their workers with it.
 GLIBC_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=1048576"
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 

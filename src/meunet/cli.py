@@ -336,8 +336,7 @@ def main() -> None:
     """Console-script entry point: where ``GLIBC_TUNABLES`` is not set and
     :func:`meunet.allocator_tunables` gives a value, the program is started again with it (setting the
     variable, even to nothing, keeps yours)."""
-    tunables = allocator_tunables()
-    if "GLIBC_TUNABLES" not in os.environ and tunables is not None:
+    if "GLIBC_TUNABLES" not in os.environ and (tunables := allocator_tunables()) is not None:
         os.environ["GLIBC_TUNABLES"] = tunables
         os.execv(sys.executable, [sys.executable, "-m", "meunet.cli", *sys.argv[1:]])
     app(prog_name="meunet")
