@@ -119,35 +119,86 @@ def convert(
     write_volume(target, open_volume(source, spacing), chunks=chunks, force=force, progress=True)
 
 
-@app.command("synth")
-def synth_command(
-    kind: str = typer.Argument(..., help="fly (gut, crop) or porous (matrix, inclusions)."),
-    out_dir: Path = typer.Argument(..., help="Folder for img_000.*, lab_000.*, ... and dataset.json."),
-    count: int = typer.Option(6, "--count", help="Number of volumes."),
-    shape: tuple[int, int, int] | None = typer.Option(
-        None, "--shape", metavar="Z Y X", help="Volume shape (default 192 96 96 fly, 128 128 128 porous)."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the data set; volume seeds are drawn from it."),
-    physics: bool = typer.Option(False, "--physics", help="Radon projections, Poisson counts, FBP."),
-    snr: float | None = typer.Option(None, "--snr", help="Tissue contrast over noise (default 10)."),
-    fmt: str = typer.Option("nii.gz", "--format", help="nii.gz, nii, tif or zarr."),
-    uint16: bool = typer.Option(False, "--uint16", help="16-bit images instead of 8-bit."),
-    workers: int | None = typer.Option(
-        None, "--workers", min=1, help="Processes for --physics (default ≤ 4)."
-    ),
-    preview: bool = typer.Option(False, "--preview", help="Also write preview.png of the first volume."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
-    force: bool = typer.Option(False, "--force", help="Overwrite a data set in OUT_DIR."),
-) -> None:
-    """Generate synthetic microCT volumes with ground-truth labels, slab by slab (any size)."""
-    from meunet.synth import generate_dataset
+synth_app = typer.Typer(
+    help="Synthetic microCT with exact labels: phantoms, or a label map re-acquired.", no_args_is_help=True
+)
+app.add_typer(synth_app, name="synth")
 
-    path = generate_dataset(
-        out_dir, kind=kind, count=count, shape=shape, seed=seed, physics=physics, snr=snr, fmt=fmt,
-        force=force, dtype="uint16" if uint16 else "uint8", workers=workers, progress=not no_progress,
-        preview=preview,
+_SEED = typer.Option(0, "--seed", help="Seed: noise, rings and everything drawn follow from it.")
+_PHYSICS = typer.Option(False, "--physics", help="Radon projections, Poisson counts, FBP.")
+_SNR = typer.Option(None, "--snr", help="Contrast over noise (default 10).")
+_FORMAT = typer.Option("nii.gz", "--format", help="nii.gz, nii, tif or zarr.")
+_UINT16 = typer.Option(False, "--uint16", help="16-bit images instead of 8-bit.")
+_WORKERS = typer.Option(None, "--workers", min=1, help="Processes for --physics (default ≤ 4).")
+_NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bar.")
+_FORCE = typer.Option(False, "--force", help="Overwrite a data set in OUT_DIR.")
+
+
+def _phantom_command(kind: str, what: str):
+    """The ``meunet synth <kind>`` command."""
+
+    def command(
+        out_dir: Path = typer.Argument(..., help="Folder for img_000.*, lab_000.*, ... and dataset.json."),
+        count: int = typer.Option(6, "--count", help="Number of volumes."),
+        shape: tuple[int, int, int] | None = typer.Option(
+            None, "--shape", metavar="Z Y X", help="Volume shape (default 192 96 96 fly, 128 128 128 porous)."
+        ),
+        seed: int = _SEED,
+        physics: bool = _PHYSICS,
+        snr: float | None = _SNR,
+        fmt: str = _FORMAT,
+        uint16: bool = _UINT16,
+        workers: int | None = _WORKERS,
+        preview: bool = typer.Option(False, "--preview", help="Also write preview.png of the first volume."),
+        no_progress: bool = _NO_PROGRESS,
+        force: bool = _FORCE,
+    ) -> None:
+        from meunet.synth import generate_dataset
+
+        path = generate_dataset(
+            out_dir, kind=kind, count=count, shape=shape, seed=seed, physics=physics, snr=snr, fmt=fmt,
+            force=force, dtype="uint16" if uint16 else "uint8", workers=workers, progress=not no_progress,
+            preview=preview,
+        )  # fmt: skip
+        typer.echo(f"wrote {count} {kind} volumes and {path}")
+
+    command.__doc__ = f"Generate synthetic {what} volumes with ground-truth labels, slab by slab (any size)."
+    return command
+
+
+synth_app.command("fly")(_phantom_command("fly", "fly (gut, crop)"))
+synth_app.command("porous")(_phantom_command("porous", "porous-material (matrix, inclusions)"))
+
+
+@synth_app.command("from-labels")
+def synth_from_labels(
+    labels: Path = typer.Argument(..., help="Label map (integers 0..254, any format meunet reads)."),
+    out_dir: Path = typer.Argument(..., help="Folder for img_000.*, lab_000.* and dataset.json."),
+    image: Path | None = typer.Option(
+        None, "--image", help="The labels' original scan: classes keep its intensity order (default: seed)."
+    ),
+    class_names: str | None = typer.Option(
+        None, "--class-names", help="Names by label value, comma-separated (default: from the source)."
+    ),
+    seed: int = _SEED,
+    physics: bool = _PHYSICS,
+    snr: float | None = _SNR,
+    fmt: str = _FORMAT,
+    uint16: bool = _UINT16,
+    workers: int | None = _WORKERS,
+    no_progress: bool = _NO_PROGRESS,
+    force: bool = _FORCE,
+) -> None:
+    """Re-acquire a label map with meunet's scanner models: an image whose labels are exact."""
+    from meunet.synth import from_labels
+
+    names = None if class_names is None else [n.strip() for n in class_names.split(",")]
+    path = from_labels(
+        labels, out_dir, image=image, seed=seed, physics=physics, snr=snr, fmt=fmt,
+        dtype="uint16" if uint16 else "uint8", classes=names, workers=workers, progress=not no_progress,
+        force=force,
     )  # fmt: skip
-    typer.echo(f"wrote {count} {kind} volumes and {path}")
+    typer.echo(f"wrote {path}")
 
 
 bench_app = typer.Typer(help="Measurements of design section 4 (memory, speed).", no_args_is_help=True)

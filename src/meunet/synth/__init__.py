@@ -1,4 +1,5 @@
-"""Synthetic microCT with ground truth: a fly (gut, crop) and a porous material sample, any size.
+"""Synthetic microCT with ground truth: a fly (gut, crop) and a porous material sample, any size, or any
+label map re-acquired (:func:`from_labels`).
 
 Phantoms are analytic shapes evaluated slab by slab, acquired by an image-space model (default) or a
 projection model (``physics``), and written slab by slab, so memory does not grow with the volume.
@@ -14,10 +15,12 @@ from meunet.synth.dataset import (
     porous_phantom,
     synthesize,
 )
+from meunet.synth.labels import from_labels
 
 __all__ = [
     "Acquisition",
     "fly_phantom",
+    "from_labels",
     "generate_dataset",
     "iter_volume",
     "make_phantom",

@@ -51,14 +51,15 @@ def iter_volume(
         yield (z0, *scan(phantom, acq, z0, z1, pool))
 
 
-def _pool(acq: Acquisition, workers: int | None):
+def physics_pool(acq: Acquisition, workers: int | None):
     """A process pool for the physics model (spawned, so it is safe after torch or threads), else nothing."""
     if not acq.physics or (workers or default_workers()) <= 1:
         return nullcontext(None)
     return ProcessPoolExecutor(workers or default_workers(), mp_context=multiprocessing.get_context("spawn"))
 
 
-def _acquisition(physics: bool, snr: float | None, dtype) -> Acquisition:
+def make_acquisition(physics: bool, snr: float | None, dtype) -> Acquisition:
+    """The :class:`Acquisition` of a run: the model, the SNR (None: the default) and the image dtype."""
     kwargs = {} if snr is None else {"snr": float(snr)}
     return Acquisition(physics=physics, dtype=np.dtype(dtype).name, **kwargs)
 
@@ -86,10 +87,10 @@ def synthesize(
         workers: processes for ``physics`` (default min(cores, 4)).
     """
     phantom = make_phantom(kind, tuple(shape), seed, **settings)
-    acq = _acquisition(physics, snr, dtype)
+    acq = make_acquisition(physics, snr, dtype)
     image = np.empty(phantom.shape, dtype=acq.dtype)
     labels = np.empty(phantom.shape, dtype=np.uint8)
-    with _pool(acq, workers) as pool:
+    with physics_pool(acq, workers) as pool:
         for z0, img, lab in iter_volume(phantom, acq, pool=pool):
             image[z0 : z0 + len(img)] = img
             labels[z0 : z0 + len(lab)] = lab
@@ -169,33 +170,23 @@ def generate_dataset(
     Raises:
         InputError: bad kind, format, shape, count or SNR, or existing output without ``force``.
     """
-    from meunet.io import create_writer
-
     out = Path(out_dir)
     shape = tuple(int(s) for s in (shape or DEFAULT_SHAPES.get(kind, (0, 0, 0))))
     _check(out, kind, count, shape, snr, fmt, force)
-    acq = _acquisition(physics, snr, dtype)
+    acq = make_acquisition(physics, snr, dtype)
     seeds = volume_seeds(seed, count)
     entries = [
         {"image": f"img_{i:03d}.{fmt}", "label": f"lab_{i:03d}.{fmt}", "seed": s} for i, s in enumerate(seeds)
     ]
     out.mkdir(parents=True, exist_ok=True)
-    depth = slab_depth(shape)
     from tqdm import tqdm
 
-    bar = tqdm(total=count * -(-shape[0] // depth), unit="slab", disable=not progress, desc=f"synth {kind}")
-    with _pool(acq, workers) as pool, bar:
+    slabs = count * -(-shape[0] // slab_depth(shape))
+    bar = tqdm(total=slabs, unit="slab", disable=not progress, desc=f"synth {kind}")
+    with physics_pool(acq, workers) as pool, bar:
         for entry in entries:
             phantom = make_phantom(kind, shape, entry["seed"])
-            with ExitStack() as stack:
-                img_w = stack.enter_context(
-                    create_writer(out / entry["image"], shape, acq.dtype, force=force)
-                )
-                lab_w = stack.enter_context(create_writer(out / entry["label"], shape, np.uint8, force=force))
-                for z0, image, labels in iter_volume(phantom, acq, depth, pool):
-                    img_w.write(z0, image)
-                    lab_w.write(z0, labels)
-                    bar.update()
+            write_scan(out, entry, phantom, acq, pool, force, bar)
     meta = {
         "kind": kind,
         "classes": list(phantom.classes),
@@ -218,6 +209,30 @@ def generate_dataset(
         first = entries[0]
         images, labels = (open_volume(out / first[key]).array for key in ("image", "label"))
         save_preview(images, labels, out / "preview.png", phantom.classes, f"{kind}, seed {first['seed']}")
+    return write_meta(out, meta)
+
+
+def write_scan(out: Path, entry: dict, phantom: Phantom, acq: Acquisition, pool, force: bool, bar, like=None):
+    """Acquire ``phantom`` slab by slab into ``out / entry["image"]`` (``acq.dtype``) and its labels into
+    ``out / entry["label"]`` (uint8), with the geometry of the :class:`~meunet.io.Volume` ``like`` (default
+    1 mm); ``bar`` (tqdm) advances once per slab."""
+    from meunet.io import create_writer
+
+    with ExitStack() as stack:
+        img_w = stack.enter_context(
+            create_writer(out / entry["image"], phantom.shape, acq.dtype, like, force=force)
+        )
+        lab_w = stack.enter_context(
+            create_writer(out / entry["label"], phantom.shape, np.uint8, like, force=force)
+        )
+        for z0, image, labels in iter_volume(phantom, acq, pool=pool):
+            img_w.write(z0, image)
+            lab_w.write(z0, labels)
+            bar.update()
+
+
+def write_meta(out: Path, meta: dict) -> Path:
+    """Write ``out/dataset.json`` under a temporary name, then rename it; returns its path."""
     path = out / "dataset.json"
     partial = out / ".dataset.json.partial"
     partial.write_text(json.dumps(meta, indent=2) + "\n")
@@ -228,12 +243,18 @@ def generate_dataset(
 def _check(out: Path, kind: str, count: int, shape, snr, fmt: str, force: bool) -> None:
     if kind not in KINDS:
         raise InputError(out, f"unknown phantom kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if fmt not in FORMATS:
-        raise InputError(out, f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if count < 1:
         raise InputError(out, f"count must be at least 1, got {count}")
     if len(shape) != 3 or min(shape) < 16:
         raise InputError(out, f"shape must be three sizes (Z Y X) of at least 16, got {list(shape)}")
+    check_output(out, fmt, snr, force)
+
+
+def check_output(out: Path, fmt: str, snr, force: bool) -> None:
+    """Raise :class:`InputError` for an unknown format, a non-positive ``snr``, or an ``out`` that is a file
+    or holds a data set (``dataset.json``, ``img_*``, ``lab_*``) without ``force``."""
+    if fmt not in FORMATS:
+        raise InputError(out, f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if snr is not None and not snr > 0:
         raise InputError(out, f"snr must be positive, got {snr}")
     if out.exists() and not out.is_dir():
