@@ -21,7 +21,8 @@ Per run: Dice and IoU per class pooled over the test volumes, training wall time
 (``meunet.infer.predict``); per configuration: activation bytes, peak memory and time of one training step
 (``meunet.bench.measure_memory``). Writes ``benchmarks/results/paper_table_<name>.json`` and rewrites
 ``docs/results.md`` from every such JSON present (with ``benchmarks/results/notes.md``, a person's reading
-of the numbers, where it exists).
+of the numbers, and ``benchmarks/results/real_vs_threshold.md``, the section of
+``benchmarks/real_vs_threshold.py``, where they exist).
 
     .venv/bin/python benchmarks/paper_table.py [--data synthetic|real] [--seeds 3] [--iterations 300]
         [--validations 2] [--shape Z Y X] [--threads N] [--paper-scale] [--device cpu|cuda]
@@ -57,6 +58,9 @@ from meunet.train import parse_config, train
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NOTES = RESULTS / "notes.md"
+THRESHOLD = (
+    RESULTS / "real_vs_threshold.md"
+)  # the section of benchmarks/real_vs_threshold.py, kept as written
 REAL = ROOT.parent / "shared" / "data" / "real"
 TITLES = {"synthetic": "Synthetic flies", "real": "Real microCT"}
 CONFIGS = ("unet-local", "unet-fov", "meunet", "cascade-pre", "cascade-post")
@@ -461,6 +465,8 @@ def results_markdown(runs: list[dict], images: Path) -> str:
         sections.append((TITLES[result["data"]] + name, blocks))
         memory = [memory_table(result["memory"]), Picture(memory_png, "Memory of one training step")]
         sections.append((f"Memory of one training step{name}", memory))
+    if THRESHOLD.exists():
+        sections.append(("Real scans against a threshold", [THRESHOLD.read_text().strip()]))
     return markdown_report("Results: the paper's comparison, measured", sections, ROOT / "docs")
 
 

@@ -3,7 +3,9 @@ median + multi-Otsu baseline (``meunet.baseline``)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,9 @@ from meunet.metrics import confusion_matrix, dice_from_confusion
 from meunet.synth import Acquisition, from_labels
 from meunet.synth.acquisition import scan
 from meunet.synth.labels import LabelPhantom, class_names
+from meunet.train import parse_config
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "real_vs_threshold.py"
 
 
 def _label_map(shape=(20, 40, 40)) -> np.ndarray:
@@ -156,3 +161,18 @@ def test_threshold_baseline_on_a_two_phase_volume(levels):
     assert predicted.dtype == np.uint8 and predicted.shape == (20, 32, 32)
     dice = dice_from_confusion(confusion_matrix(predicted, labels[20:], 2))
     assert dice.min() > 0.97, dice
+
+
+def test_benchmark_recipe_is_a_valid_config_and_takes_overrides(tmp_path):
+    spec = importlib.util.spec_from_file_location("real_vs_threshold", BENCHMARK)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pair = {"image": str(tmp_path / "img.npy"), "label": str(tmp_path / "lab.npy")}
+    mapping = bench.recipe(pair, pair, ["a", "b"], tmp_path / "model", iterations=200)
+    changed = bench.override(mapping, ["training.learning_rate=2e-3", "model.norm=batch", "stages=1"])
+    config = parse_config(changed, "recipe")
+    assert config.model.widths == [8, 16, 32, 64, 64] and config.patch.size == (32, 32, 32)
+    assert config.training.batch_size == 4 and config.training.max_iterations == 200
+    assert config.training.validate_every == 50 and parse_config(mapping, "recipe").stages == "both"
+    assert config.training.learning_rate == 2e-3 and config.model.norm == "batch" and config.stages == "1"
+    assert "learning_rate" not in mapping["training"], "the recipe itself is left as it was"
