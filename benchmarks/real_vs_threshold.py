@@ -117,7 +117,8 @@ def dice(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> list[float]:
 
 
 def machine() -> dict:
-    """Cores, load average, CPU, torch version and threads (the wall times depend on all of them)."""
+    """Cores, load average (1, 5, 15 min; taken when a scan's run ends, so it covers the run), CPU, torch
+    version and threads: the wall times depend on all of them."""
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():
         names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
