@@ -183,12 +183,87 @@ def test_transforms_are_seeded_and_probability_respected():
     assert scales.min() >= 0.9 - 1e-5 and scales.max() <= 1.1 + 1e-5
 
 
-def test_perturbation_keeps_probabilities():
-    probs = torch.zeros(4, 3, 10, 10, 10)
+def _cube_probs(n: int = 1) -> torch.Tensor:
+    """(n, 3, 20, 20, 20): class 1 certain in a 6^3 cube and in a 2^3 cube, background elsewhere."""
+    probs = torch.zeros(n, 3, 20, 20, 20)
     probs[:, 0] = 1
-    probs[:, 0, 3:7, 3:7, 3:7], probs[:, 1, 3:7, 3:7, 3:7] = 0, 1
-    out = perturb_probabilities(probs, 1.0, torch.Generator().manual_seed(0))
-    assert torch.allclose(out.sum(1), torch.ones(4, 10, 10, 10))
+    for box in (np.s_[4:10, 4:10, 4:10], np.s_[14:16, 14:16, 14:16]):
+        probs[(slice(None), 0, *box)], probs[(slice(None), 1, *box)] = 0, 1
+    return probs
+
+
+@pytest.mark.parametrize(
+    ("operation", "radius", "voxels"),
+    [("dilation", 1, 8**3 + 4**3), ("erosion", 1, 4**3), ("opening", 1, 6**3), ("closing", 2, 6**3 + 2**3)],
+)
+def test_morphology_is_the_binary_operation_with_a_cube(operation, radius, voxels):
+    from meunet.data.augment import morphology
+
+    out = morphology(_cube_probs()[:, 1:2], operation, radius)
+    assert set(out.unique().tolist()) <= {0.0, 1.0} and out.sum() == voxels
+
+
+def test_perturbation_keeps_probabilities_and_changes_the_classes():
+    probs = _cube_probs(8)
+    out = perturb_probabilities(probs, torch.Generator().manual_seed(0), 1.0, 8, 0.0)
+    assert torch.allclose(out.sum(1), torch.ones(8, 20, 20, 20), atol=1e-5)
     sizes = out[:, 1].sum((1, 2, 3))
-    assert set(sizes.tolist()) <= {2.0**3, 4.0**3, 6.0**3} and len(set(sizes.tolist())) == 2
-    assert torch.equal(perturb_probabilities(probs, 0.0, torch.Generator()), probs)
+    assert (sizes != probs[:, 1].sum((1, 2, 3))).all() and len(set(sizes.tolist())) > 2
+    assert torch.equal(out[:, 2], probs[:, 2])  # an absent class stays absent
+    assert torch.equal(perturb_probabilities(probs, torch.Generator(), 0.0, 8, 0.0), probs)
+    a = perturb_probabilities(probs, torch.Generator().manual_seed(3), 0.4, 8, 0.2)
+    b = perturb_probabilities(probs, torch.Generator().manual_seed(3), 0.4, 8, 0.2)
+    assert torch.equal(a, b)
+
+
+def test_perturbation_removes_one_small_component():
+    probs = _cube_probs()
+    out = perturb_probabilities(probs, torch.Generator().manual_seed(0), 0.0, 8, 1.0)
+    removed = (probs[0, 1] - out[0, 1]).sum().item()
+    assert removed in (6**3, 2**3)  # one of the two components (each <= 15 % of the patch)
+    assert torch.allclose(out.sum(1), torch.ones(1, 20, 20, 20))
+    assert torch.equal(out[0, 0] == 1, out[0, 1] == 0)  # what class 1 lost went to the background
+
+
+def test_intensity_transforms_map_local_and_context_patches_alike():
+    from meunet.data.augment import Intensity, apply_intensity, random_intensity
+
+    context = torch.randn(3, 1, 24, 24, 24)
+    local = context[:, :, 4:20, 4:20, 4:20].clone()
+    n = len(local)
+    t = Intensity(
+        scale=torch.tensor([1.2, 1.0, 0.8]),
+        shift=torch.tensor([0.1, 0.0, -0.2]),
+        contrast=torch.tensor([1.0, 1.25, 0.9]),
+        gamma=torch.tensor([1.0, 0.7, 1.4]),
+        noise=torch.zeros(n),
+        blur=torch.zeros(n),
+    )
+    new_local, new_context = apply_intensity([local, context], t, torch.Generator())
+    assert torch.allclose(new_context[:, :, 4:20, 4:20, 4:20], new_local, atol=1e-5)
+    assert torch.allclose(new_local[0], local[0] * 1.2 + 0.1, atol=1e-5)
+    assert not torch.allclose(new_local[1], local[1])
+    identity = random_intensity(n, 0.0, torch.Generator())
+    assert torch.equal(apply_intensity([local], identity, torch.Generator())[0], local)
+    noisy = Intensity(*(torch.ones(n),) * 3, torch.ones(n), torch.full((n,), 0.3), torch.full((n,), 1.0))
+    out = apply_intensity([local], noisy, torch.Generator().manual_seed(0))[0]
+    assert 0.2 < (out - local).std() < 1.5  # blurred and noisy
+
+
+def test_held_out_regions_are_never_read_by_a_fold():
+    from meunet.data.sampling import PatchIndex, fold_regions, without_regions
+
+    rng = np.random.default_rng(0)
+    for depths, folds in (([40], 2), ([40], 3), ([30, 50, 20], 2), ([30, 50, 20, 10], 3)):
+        starts = np.stack([rng.integers(-8, 50, 200), np.zeros(200), np.zeros(200)], 1).astype(np.int64)
+        index = PatchIndex(rng.integers(0, len(depths), 200), starts, np.ones((200, 2), np.int64))
+        regions = fold_regions(depths, folds)
+        held = [(v, z) for fold in regions for v, z0, z1 in fold for z in range(z0, z1)]
+        assert sorted(held) == [(v, z) for v, d in enumerate(depths) for z in range(d)]  # once each
+        for fold in regions:
+            kept = without_regions(index, fold, 16, 4)
+            assert 0 < len(kept) < len(index)
+            for v, (z, _, _) in zip(kept.volume, kept.start, strict=True):
+                assert all(v != rv or z + 16 + 4 <= z0 or z - 4 >= z1 for rv, z0, z1 in fold)
+
+

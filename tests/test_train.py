@@ -84,8 +84,10 @@ def test_same_seed_same_weights_whatever_the_loader_workers(volumes, tmp_path):
 
 
 def test_resume_continues_exactly(volumes, tmp_path, cli):
-    train(parse_config(_config(volumes, tmp_path / "whole", **{"training.max_iterations": 8}), "cfg"))
-    half = _config(volumes, tmp_path / "split", **{"training.max_iterations": 4})
+    # a longer run continued: only a constant learning rate makes it the same run as one of 8 steps
+    constant = {"training.schedule": "constant"}
+    train(parse_config(_config(volumes, tmp_path / "whole", **constant, **{"training.max_iterations": 8}), "c"))
+    half = _config(volumes, tmp_path / "split", **constant, **{"training.max_iterations": 4})
     train(parse_config(half, "cfg"))
     assert (
         torch.load(tmp_path / "split" / "checkpoint_stage1.pt", weights_only=True)["progress"]["iteration"]
@@ -100,6 +102,26 @@ def test_resume_continues_exactly(volumes, tmp_path, cli):
         line.split(",")[1] for line in (tmp_path / "split" / "train_log.csv").read_text().splitlines()[1:]
     ]
     assert logged == ["3", "4", "6", "8"]
+
+
+def test_killed_run_resumes_exactly_with_a_decaying_learning_rate(volumes, tmp_path, cli, monkeypatch):
+    import meunet.train.loop as loop
+
+    settings = {"training.max_iterations": 8, "training.validate_every": 4, "training.warmup": 0.25}
+    train(parse_config(_config(volumes, tmp_path / "whole", **settings), "cfg"))
+    save = loop.save_checkpoint
+
+    def save_then_die(path, payload):
+        save(path, payload)
+        raise KeyboardInterrupt  # killed right after the checkpoint of step 4
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    config = _config(volumes, tmp_path / "split", **settings)
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_config(config, "cfg"))
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    train(parse_config(config, "cfg"), resume=True)
+    assert _max_difference(_weights(tmp_path / "whole"), _weights(tmp_path / "split")) < 1e-6
 
 
 def test_model_directory(volumes, tmp_path):
@@ -117,7 +139,9 @@ def test_model_directory(volumes, tmp_path):
 
 
 def test_both_stages_with_cached_stage1_probabilities(volumes, tmp_path):
-    config = _config(volumes, tmp_path / "both", stages="both", **{"model.fusion": "pre"})
+    config = _config(
+        volumes, tmp_path / "both", stages="both", **{"model.fusion": "pre", "stage2.out_of_fold": False}
+    )
     out = train(parse_config(config, "cfg"))
     cache = zarr.open_array(str(out / "stage1_cache" / "train_0.zarr"), mode="r")
     assert cache.shape == (3, 32, 32, 32) and cache.dtype == np.float16
@@ -148,7 +172,7 @@ def _run(cli, tmp_path, config: dict, *args):
         ({"stages": 3}, "stages: Input should be '1', '2' or 'both'"),
         ({"training.learning_rate": -1}, "training.learning_rate: Input should be greater than 0"),
         ({"training.batchsize": 2}, "training.batchsize: Extra inputs are not permitted"),
-        ({"precision": "fp8"}, "precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+        ({"precision": "fp8"}, "precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
         ({"device": "gpu"}, "device: must be auto, cpu, cuda, cuda:N or mps"),
         (
             {"model.norm": "instance"},
@@ -222,3 +246,56 @@ def test_examples_are_valid_configurations():
         paper.training.batch_size == 4 and paper.training.max_epochs == 400 and paper.training.patience == 30
     )
     assert paper.model.widths == [16, 32, 64, 128, 128]
+
+
+def test_stage2_trains_on_out_of_fold_stage1_output(tmp_path, monkeypatch):
+    import meunet.train.pipeline as pipeline
+    from meunet.data.normalization import Normalization
+    from meunet.infer import SlidingWindow, predict_stage1
+    from meunet.models import Cascade, MeUNet, UNet3D
+    from meunet.train.inference import image_input
+
+    parts = [_phantom(i) for i in (0, 1)]  # one scan of 64 slices with a ball in each half
+    image, labels = (np.concatenate([p[k] for p in parts]) for k in (0, 1))
+    write_volume(tmp_path / "img.npy", Volume(image))
+    write_volume(tmp_path / "lab.npy", Volume(labels))
+    write_volume(tmp_path / "vimg.npy", Volume(_phantom(2)[0]))
+    write_volume(tmp_path / "vlab.npy", Volume(_phantom(2)[1]))
+    config = _config(tmp_path, tmp_path / "m", stages="both")
+    config["data"] = {
+        "train": [{"image": str(tmp_path / "img.npy"), "label": str(tmp_path / "lab.npy")}],
+        "validation": [{"image": str(tmp_path / "vimg.npy"), "label": str(tmp_path / "vlab.npy")}],
+    }
+    seen = []
+    original = pipeline.without_regions
+
+    def spy(index, regions, patch_z, margin_z):
+        kept = original(index, regions, patch_z, margin_z)
+        seen.append((regions, kept, margin_z))
+        return kept
+
+    monkeypatch.setattr(pipeline, "without_regions", spy)
+    out = train(parse_config(config, "cfg"))
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["out_of_fold"]["regions"] == [[[0, 0, 32]], [[0, 32, 64]]]
+    # no fold trained on a patch (with its context) that reads the slices it holds out
+    assert [s[0] for s in seen] == [[(0, 0, 32)], [(0, 32, 64)]] and all(s[2] == 4 for s in seen)
+    for regions, kept, _ in seen:
+        (_, z0, z1), lo, hi = regions[0], kept.start[:, 0] - 4, kept.start[:, 0] + 16 + 4
+        assert len(kept) and ((hi <= z0) | (lo >= z1)).all()
+    # each region's cache is the output of the fold model that held it out, not of the final stage 1
+    cache = np.asarray(zarr.open_array(str(out / "stage1_cache" / "train_0.zarr"), mode="r"))
+    bundle = load_model_dir(out)
+    engine = SlidingWindow((24, 24, 24), 0.5, precision="auto")  # as training predicts
+    norm = Normalization.from_dict(meta["normalization"])
+    unet = UNet3D(1, 3, widths=[2, 4, 4, 4, 4], norm="batch")
+    for fold, (z0, z1) in enumerate(((0, 32), (32, 64))):
+        net = MeUNet(1, 3, widths=[2, 4, 4, 4, 4], norm="batch", checkpointing=False)
+        net.load_state_dict(torch.load(out / "stage1_cache" / f"fold{fold}.pt", weights_only=True)["net"])
+        for stage1, same in ((net.eval(), True), (bundle.stage1, False)):
+            path = tmp_path / f"check{fold}{same}.zarr"
+            predict_stage1(Cascade(stage1, unet), image_input(image, norm), path, engine)
+            expected = np.asarray(zarr.open_array(str(path), mode="r"))[:, z0:z1]
+            assert np.array_equal(cache[:, z0:z1], expected) == same
+    log = (out / "stage1_cache" / "fold1_log.csv").read_text().splitlines()
+    assert len(log) == 3 and log[0].startswith("stage,iteration")  # the folds' cost is logged

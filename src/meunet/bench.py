@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from meunet.models import PAPER_WIDTHS, Cascade, MeUNet, UNet3D
+from meunet.precision import AUTOCAST, autocast_dtype
 from meunet.train.loss import wd_loss
 
 CONFIGS = (
@@ -45,7 +46,6 @@ CONFIGS = (
     "cascade-pre-stage2",
     "cascade-post-stage2",
 )
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 N_CLASSES = 3
 RECORD_KEYS = (
     "config",
@@ -89,7 +89,7 @@ class StepSetting:
     @property
     def dtype(self) -> torch.dtype:
         """dtype of weights and inputs: float32, except on ``meta`` (no autocast there) the precision's."""
-        return PRECISIONS[self.precision] if self.device == "meta" else torch.float32
+        return (autocast_dtype(self.precision) or torch.float32) if self.device == "meta" else torch.float32
 
 
 def build_step(config: str, setting: StepSetting) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
@@ -174,7 +174,7 @@ def count_saved_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = (
 def _autocast(setting: StepSetting):
     if setting.precision == "fp32" or setting.device == "meta":
         return nullcontext()
-    return torch.autocast(setting.device, dtype=PRECISIONS[setting.precision])
+    return torch.autocast(setting.device, dtype=autocast_dtype(setting.precision))
 
 
 def measure_step(config: str, setting: StepSetting) -> dict[str, Any]:
@@ -183,8 +183,8 @@ def measure_step(config: str, setting: StepSetting) -> dict[str, Any]:
     ``peak_bytes`` is filled on CUDA only (on CPU see :func:`measure_memory`); on ``meta`` only
     ``params`` and ``activation_bytes`` are figures, ``peak_bytes`` and ``step_seconds`` are None.
     """
-    if setting.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, not {setting.precision!r}")
+    if setting.precision not in AUTOCAST:
+        raise ValueError(f"precision must be one of {tuple(AUTOCAST)}, not {setting.precision!r}")
     model, loss_fn = build_step(config, setting)
     state = [*model.parameters(), *model.buffers()]
 

@@ -24,11 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-Blend = Literal["gaussian", "constant", "vote"]
-Precision = Literal["fp32", "bf16", "fp16"]
-Shape3 = tuple[int, int, int]
+from meunet.precision import autocast_dtype, resolve_precision
 
-_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+Blend = Literal["gaussian", "constant", "vote"]
+Shape3 = tuple[int, int, int]
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -132,7 +131,8 @@ class SlidingWindow:
             each window's output is turned into one-hot hard labels before weighting.
         batch: windows per forward pass.
         device: torch device the network runs on; accumulation stays on the host.
-        precision: ``fp32``, or ``bf16`` / ``fp16`` autocast.
+        precision: ``fp32``, ``bf16`` / ``fp16`` autocast, or ``auto`` (see :mod:`meunet.precision`);
+            resolved when the settings are made.
         tta: average the outputs over the 8 flips of the three spatial axes.
     """
 
@@ -141,7 +141,7 @@ class SlidingWindow:
     blend: Blend = "gaussian"
     batch: int = 1
     device: str = "cpu"
-    precision: Precision = "fp32"
+    precision: str = "fp32"
     tta: bool = False
     _weights: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -150,8 +150,7 @@ class SlidingWindow:
             raise ValueError(f"window must be three positive sizes, got {self.window}")
         if self.batch < 1:
             raise ValueError(f"batch must be at least 1, got {self.batch}")
-        if self.precision not in _AUTOCAST:
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        object.__setattr__(self, "precision", resolve_precision(self.precision, self.device))
         window_starts(1, 1, self.overlap)  # validates overlap
         object.__setattr__(self, "window", tuple(int(w) for w in self.window))
         object.__setattr__(self, "_weights", importance_map(self.window, self.blend))
@@ -278,7 +277,7 @@ class SlidingWindow:
         """Run the net on one batch (with flips if ``tta``); float32 (B, n_out, wz, wy, wx) numpy scores."""
         tensors = [torch.from_numpy(a).to(self.device) for a in inputs]
         device_type = torch.device(self.device).type
-        dtype = _AUTOCAST[self.precision]
+        dtype = autocast_dtype(self.precision)
         with torch.inference_mode(), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
             out = net(*tensors).float()
             if self.tta:

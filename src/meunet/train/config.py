@@ -134,6 +134,8 @@ class TrainingConfig(_Strict):
     max_iterations: int | None = Field(None, ge=1)
     validate_every: int | None = Field(None, ge=1)
     patience: int = Field(30, ge=1)
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    warmup: float = Field(0.02, ge=0, lt=1)
     workers: int = Field(0, ge=0)
     progress: bool = True
 
@@ -145,12 +147,18 @@ class AugmentationConfig(_Strict):
     rotation: float = Field(math.pi / 2, ge=0, le=math.pi)
     scale: float = Field(0.1, ge=0, lt=1)
     flips: bool = True
+    intensity_probability: float = Field(0.15, ge=0, le=0.5)
+    independent_context: bool = False
 
 
 class Stage2Config(_Strict):
-    """Stage-2 specifics: perturbation of the cached stage-1 probabilities."""
+    """Stage-2 specifics: out-of-fold stage-1 output and its perturbation."""
 
-    perturb_probability: float = Field(0.2, ge=0, le=1)
+    out_of_fold: bool = True
+    folds: int = Field(2, ge=2, le=10)
+    morphology_probability: float = Field(0.4, ge=0, le=1)
+    max_radius: int = Field(8, ge=1, le=32)
+    removal_probability: float = Field(0.2, ge=0, le=1)
 
 
 class TrainConfig(_Strict):
@@ -160,7 +168,7 @@ class TrainConfig(_Strict):
     stages: Literal["1", "2", "both"] = "both"
     seed: int = 0
     device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     data: DataConfig
     model: ModelConfig = ModelConfig()
     patch: PatchConfig = PatchConfig()

@@ -13,15 +13,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from meunet.data.augment import apply_transforms, perturb_probabilities, random_transforms
+from meunet.data.augment import (
+    apply_intensity,
+    apply_transforms,
+    perturb_probabilities,
+    random_intensity,
+    random_transforms,
+)
 from meunet.data.patches import PatchDataset
+from meunet.precision import autocast_dtype, resolve_precision
 from meunet.train.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from meunet.train.config import AugmentationConfig, TrainConfig
+from meunet.train.config import AugmentationConfig, Stage2Config, TrainConfig
 from meunet.train.log import TrainLog
 from meunet.train.loss import wd_loss
 
 Batch = dict[str, torch.Tensor]
-_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -74,34 +80,73 @@ def augment_batch(
     generator: torch.Generator,
     augmentation: AugmentationConfig,
     image_fill: float,
-    perturb: float,
+    perturb: Stage2Config,
 ) -> Batch:
-    """Augment a batch on its device; one transform per sample, shared by all of the sample's tensors.
+    """Augment a batch on its device; one spatial transform per sample, shared by all of the sample's tensors
+    (or, with ``augmentation.independent_context``, a second one for the context patches, as the paper's
+    notebook draws them).
 
     Images (``image``, ``context_image``) are warped trilinearly with ``image_fill`` (normalised raw 0)
-    outside; labels (``label``, ``context_label``, uint8) by nearest neighbour, returned as int64, the
-    context labels then taken at every second voxel; cached ``stage1`` probabilities trilinearly with
-    one-hot background outside, then perturbed (see :func:`perturb_probabilities`) with chance ``perturb``.
+    outside, then get the same random intensity transforms (:func:`apply_intensity`); labels (``label``,
+    ``context_label``, uint8) are warped by nearest neighbour, returned as int64, the context labels then
+    taken at every second voxel; cached ``stage1`` probabilities trilinearly with one-hot background outside,
+    then perturbed (:func:`perturb_probabilities` with ``perturb``'s settings).
     """
     a = augmentation
-    transforms = random_transforms(
-        len(batch["image"]), a.affine_probability, a.rotation, a.scale, a.flips, generator
-    )
+    n = len(batch["image"])
+    transforms = random_transforms(n, a.affine_probability, a.rotation, a.scale, a.flips, generator)
+    context = transforms
+    if a.independent_context and "context_image" in batch:
+        context = random_transforms(n, a.affine_probability, a.rotation, a.scale, a.flips, generator)
+    intensity = random_intensity(n, a.intensity_probability, generator)
     out = {}
     for key, value in batch.items():
+        t = context if key.startswith("context_") else transforms
         if key.endswith("label"):
-            out[key] = apply_transforms(value[:, None].float(), transforms, "nearest")[:, 0].long()
+            out[key] = apply_transforms(value[:, None].float(), t, "nearest")[:, 0].long()
         elif key == "stage1":
             fill = torch.zeros(value.shape[1])
             fill[0] = 1
-            out[key] = apply_transforms(value.float(), transforms, "bilinear", fill)
+            out[key] = apply_transforms(value.float(), t, "bilinear", fill)
         else:
-            out[key] = apply_transforms(value, transforms, "bilinear", image_fill)
+            out[key] = apply_transforms(value, t, "bilinear", image_fill)
+    images = [k for k in ("image", "context_image") if k in out]
+    if a.intensity_probability > 0:
+        out.update(zip(images, apply_intensity([out[k] for k in images], intensity, generator), strict=True))
     if "context_label" in out:
         out["context_label"] = out["context_label"][:, ::2, ::2, ::2]
     if "stage1" in out:
-        out["stage1"] = perturb_probabilities(out["stage1"], perturb, generator)
+        out["stage1"] = perturb_probabilities(
+            out["stage1"],
+            generator,
+            perturb.morphology_probability,
+            perturb.max_radius,
+            perturb.removal_probability,
+        )
     return out
+
+
+def learning_rate(config: TrainConfig, iteration: int, total: int) -> float:
+    """The learning rate of step ``iteration`` (0-based) of ``total``: a linear warm-up over the first
+    ``warmup`` fraction of the steps, then ``poly`` (``(1 - t) ** 0.9``, nnU-Net's), ``cosine`` or
+    ``constant`` decay over the rest.
+
+    >>> from meunet.train.config import parse_config
+    >>> c = parse_config({"output": "m", "data": {"dataset": "d.json"}, "training": {"warmup": 0.1}}, "x")
+    >>> [round(learning_rate(c, i, 100) / c.training.learning_rate, 3) for i in (0, 9, 10, 55, 99)]
+    [0.1, 1.0, 1.0, 0.536, 0.017]
+    """
+    t = config.training
+    warm = math.ceil(t.warmup * total)
+    if iteration < warm:
+        return t.learning_rate * (iteration + 1) / warm
+    progress = (iteration - warm) / max(1, total - warm)
+    factor = {
+        "poly": (1 - progress) ** 0.9,
+        "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
+        "constant": 1.0,
+    }[t.schedule]
+    return t.learning_rate * factor
 
 
 def stage1_losses(net: nn.Module, batch: Batch, weights: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -162,7 +207,8 @@ def fit_stage(
     training = config.training
     params = [p for p in stage.net.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=training.learning_rate)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    precision = resolve_precision(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     generator = torch.Generator().manual_seed(
         int(np.random.SeedSequence([config.seed, stage.number]).generate_state(1)[0])
     )
@@ -192,7 +238,7 @@ def fit_stage(
         num_workers=training.workers,
         pin_memory=device.type == "cuda",
     )
-    dtype = _AUTOCAST[config.precision]
+    dtype = autocast_dtype(precision)
     sums: dict[str, float] = {}
     steps = 0
     started = time.perf_counter() - progress.seconds
@@ -202,6 +248,8 @@ def fit_stage(
         total=total, initial=progress.iteration, desc=f"stage {stage.number}", disable=not training.progress
     )
     for batch in loader:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, progress.iteration, total)
         batch = augment({k: v.to(device, non_blocking=True) for k, v in batch.items()}, generator)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             losses = stage.losses(stage.net, batch)

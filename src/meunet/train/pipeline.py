@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import platform
 import shutil
+import sys
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,11 @@ import zarr
 from meunet import __version__
 from meunet.data.normalization import Normalization
 from meunet.data.patches import PatchDataset
+from meunet.data.sampling import fold_regions, without_regions
 from meunet.errors import InputError
 from meunet.infer import SlidingWindow
 from meunet.models import Cascade, MeUNet, UNet3D, load_model_dir, save_model_dir
+from meunet.train.checkpoint import load_checkpoint, save_checkpoint
 from meunet.train.config import TrainConfig
 from meunet.train.data import TrainingData, open_array, prepare_data, resolve_split
 from meunet.train.inference import (
@@ -110,19 +114,22 @@ def _augment(config: TrainConfig, data: TrainingData):
         augment_batch,
         augmentation=config.augmentation,
         image_fill=image_fill,
-        perturb=config.stage2.perturb_probability,
+        perturb=config.stage2,
     )
 
 
-def _fit(number, net, config, data, out, device, log, resume, save_best, caches=None) -> int:
-    """Train stage ``number`` (``caches``: stage-1 probability Zarr paths per split, stage 2 only); returns
-    the number of steps taken."""
+def _fit(
+    number, net, config, data, checkpoint, log, device, resume, save_best, caches=None, index=None
+) -> int:
+    """Train stage ``number`` (``caches``: stage-1 probability Zarr paths per split, stage 2 only; ``index``:
+    the patches to train on, default all of ``data.index``); returns the number of steps taken."""
     n_classes, norm = len(data.split.classes), data.normalization
+    index = data.index if index is None else index
     meunet_stage1 = caches is None and isinstance(net, MeUNet)
     dataset = PatchDataset(
         data.openers("train", "image"),
         data.openers("train", "label"),
-        data.index,
+        index,
         config.patch.size,
         config.patch.context if meunet_stage1 else None,
         norm,
@@ -142,30 +149,106 @@ def _fit(number, net, config, data, out, device, log, resume, save_best, caches=
             volumes.append((inputs, open_array(pair.label)))
         return validation_dice(net, volumes, n_classes, engine)
 
-    weights = class_weights(data.index.class_counts).to(device)
+    weights = class_weights(index.class_counts).to(device)
     kind = stage1_losses if meunet_stage1 else local_losses if caches is None else stage2_losses
     losses = partial(kind, weights=weights)
     stage = Stage(number, net, dataset, losses, validate, save_best)
-    checkpoint = out / f"checkpoint_stage{number}.pt"
     return fit_stage(stage, config, checkpoint, log, device, _augment(config, data), resume)
+
+
+def _stage1_net(config: TrainConfig, n_classes: int, device: torch.device, seed: int) -> torch.nn.Module:
+    """A freshly initialised stage-1 network (meU-net, or the plain U-net baseline)."""
+    torch.manual_seed(seed)
+    m = config.model
+    architecture = MeUNet if m.stage1 == "meunet" else UNet3D
+    net = architecture(1, n_classes, widths=m.widths, norm=m.norm, checkpointing=m.checkpointing)
+    return net.to(device)
 
 
 def _train_stage1(config, data, meta, out, device, log, resume) -> bool:
     """Train stage 1 (a meU-net, or a plain U-net on local patches); returns whether any step was taken in
     this call."""
-    torch.manual_seed(config.seed)
-    m = config.model
-    architecture = MeUNet if m.stage1 == "meunet" else UNet3D
-    net = architecture(
-        1, len(data.split.classes), widths=m.widths, norm=m.norm, checkpointing=m.checkpointing
-    )
-    net = net.to(device)
+    net = _stage1_net(config, len(data.split.classes), device, config.seed)
     save_best = partial(save_model_dir, out, meta, net, None, force=True)
-    return _fit(1, net, config, data, out, device, log, resume, save_best) > 0
+    checkpoint = out / "checkpoint_stage1.pt"
+    return _fit(1, net, config, data, checkpoint, log, device, resume, save_best) > 0
+
+
+def _train_fold(config, data, fold: int, regions, out: Path, device, resume) -> torch.nn.Module:
+    """Train the stage-1 model of one fold on the training patches that read nothing of ``regions`` (their
+    context included); returns it with its best validated weights, in eval mode. Its log, checkpoint and
+    weights live in the cache folder (``fold<f>_log.csv``, ``fold<f>_checkpoint.pt``, ``fold<f>.pt``)."""
+    margin = (config.patch.context[0] - config.patch.size[0]) // 2 if config.model.stage1 == "meunet" else 0
+    index = without_regions(data.index, regions, config.patch.size[0], margin)
+    if len(index) == 0:
+        raise InputError(
+            "stage2.folds",
+            f"fold {fold} leaves no training patch outside the region it holds out "
+            "(use fewer folds, more training volumes, or stage2.out_of_fold: false)",
+        )
+    fold_config = config.model_copy(update={"seed": config.seed + 1 + fold})
+    net = _stage1_net(fold_config, len(data.split.classes), device, fold_config.seed)
+    weights = out / f"fold{fold}.pt"
+
+    def save_best() -> None:
+        save_checkpoint(weights, {"net": net.state_dict()})
+
+    log = TrainLog(out / f"fold{fold}_log.csv", data.split.classes)
+    checkpoint = out / f"fold{fold}_checkpoint.pt"
+    _fit(1, net, fold_config, data, checkpoint, log, device, resume, save_best, index=index)
+    net.load_state_dict(load_checkpoint(weights)["net"])
+    return net.eval()
+
+
+def _cache_key(digest: str, pair, engine: SlidingWindow) -> dict:
+    """What a stage-1 cache depends on: the stage-1 weights, the image and the engine settings."""
+    return {"stage1": digest, "image": str(pair.image), "window": list(engine.window), "overlap": OVERLAP}
+
+
+def _out_of_fold_caches(config, data, cascade, engine, paths: list[Path], out: Path, device, resume) -> dict:
+    """Write every training volume's stage-1 cache from the fold models that never saw its slices.
+
+    Stage 1 is trained ``stage2.folds`` more times (:func:`meunet.data.sampling.fold_regions` says which
+    slices each fold holds out); each fold model predicts the volumes it holds out, and only its held-out
+    slices are copied into the caches. A cache whose key (fold weights, regions, image, engine) matches is
+    reused. Returns what ``model.json`` records under ``out_of_fold`` (folds, regions, seconds).
+    """
+    started = time.perf_counter()
+    shapes = [tuple(open_array(p.image).shape) for p in data.split.train]
+    folds = fold_regions([s[0] for s in shapes], config.stage2.folds)
+    targets = []
+    for path, shape in zip(paths, shapes, strict=True):
+        shutil.rmtree(path, ignore_errors=True)
+        channels = len(data.split.classes)
+        chunks = (channels, *(min(64, n) for n in shape))
+        targets.append(zarr.create_array(path, shape=(channels, *shape), chunks=chunks, dtype=np.float16))
+    for fold, regions in enumerate(folds):
+        cascade.stage1 = _train_fold(config, data, fold, regions, out / CACHE_DIR, device, resume)
+        print(
+            f"meunet train: out-of-fold stage 1, fold {fold + 1}/{len(folds)} trained "
+            f"({time.perf_counter() - started:.0f} s so far)",
+            file=sys.stderr,
+        )
+        digest = file_digest(out / CACHE_DIR / f"fold{fold}.pt")
+        for volume, z0, z1 in regions:
+            pair = data.split.train[volume]
+            key = _cache_key(digest, pair, engine)
+            scratch = out / CACHE_DIR / f"fold{fold}_train_{volume}.zarr"
+            cache_stage1_output(cascade, open_array(pair.image), data.normalization, engine, scratch, key)
+            source = zarr.open_array(scratch, mode="r")
+            for z in range(z0, z1, 64):
+                targets[volume][:, z : min(z + 64, z1)] = source[:, z : min(z + 64, z1)]
+    seconds = time.perf_counter() - started
+    print(
+        f"meunet train: out-of-fold stage-1 output of {len(folds)} folds took {seconds:.0f} s",
+        file=sys.stderr,
+    )
+    return {"folds": len(folds), "regions": folds, "seconds": round(seconds, 1)}
 
 
 def _train_stage2(config, data, meta, out, device, log, resume) -> None:
-    """Cache stage-1 probabilities of every volume (reused when still valid), then train stage 2."""
+    """Cache stage-1 probabilities of every volume (out of fold for the training volumes unless
+    ``stage2.out_of_fold`` is false; reused when still valid), then train stage 2."""
     stage1 = load_model_dir(out, device).stage1
     torch.manual_seed(config.seed)
     m, n_classes = config.model, len(data.split.classes)
@@ -174,20 +257,26 @@ def _train_stage2(config, data, meta, out, device, log, resume) -> None:
     net = Cascade(stage1, unet, m.fusion, "probs").to(device).eval()
     engine = _engine(config, device)
     digest = file_digest(out / "stage1.pt")
-    caches: dict[str, list[Path]] = {"train": [], "validation": []}
+    caches: dict[str, list[Path]] = {
+        which: [out / CACHE_DIR / f"{which}_{i}.zarr" for i in range(len(getattr(data.split, which)))]
+        for which in ("train", "validation")
+    }
     (out / CACHE_DIR).mkdir(exist_ok=True)
+    out_of_fold = config.stage2.out_of_fold
     for which, paths in caches.items():
-        for i, pair in enumerate(getattr(data.split, which)):
-            paths.append(out / CACHE_DIR / f"{which}_{i}.zarr")
-            key = {
-                "stage1": digest,
-                "image": str(pair.image),
-                "window": list(engine.window),
-                "overlap": OVERLAP,
-            }
-            cache_stage1_output(net, open_array(pair.image), data.normalization, engine, paths[-1], key)
+        if which == "train" and out_of_fold:
+            continue
+        for pair, path in zip(getattr(data.split, which), paths, strict=True):
+            key = _cache_key(digest, pair, engine)
+            cache_stage1_output(net, open_array(pair.image), data.normalization, engine, path, key)
+    if out_of_fold:
+        meta = {**meta, "out_of_fold": _out_of_fold_caches(
+            config, data, net, engine, caches["train"], out, device, resume
+        )}  # fmt: skip
+        net.stage1 = stage1
     save_best = partial(save_model_dir, out, meta, stage1, net, force=True)
-    _fit(2, net, config, data, out, device, log, resume, save_best, caches)
+    checkpoint = out / "checkpoint_stage2.pt"
+    _fit(2, net, config, data, checkpoint, log, device, resume, save_best, caches)
 
 
 def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Path:
