@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,bench,dask]"
+	$(BIN)/pip install -q -e ".[dev,bench,dask,export]"
 	touch $(STAMP)
 
 lint: $(STAMP)
