@@ -364,6 +364,28 @@ def evaluate_command(
         )
 
 
+@app.command("export")
+def export_command(
+    model_dir: Path = typer.Argument(..., help="Model directory written by 'meunet train'."),
+    output: Path = typer.Argument(..., help="onnx: a folder; bioimageio: a .zip package."),
+    fmt: str = typer.Option(..., "--format", help="bioimageio (BioImage Model Zoo package) or onnx."),
+    sample: Path | None = typer.Option(
+        None, "--sample", help="Scan whose central window is the test window (default: a synthetic fly)."
+    ),
+    author: str | None = typer.Option(None, "--author", help="The package's author (default: login name)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+) -> None:
+    """Export a model as ONNX or as a BioImage Model Zoo package, checked against PyTorch."""
+    from meunet.export import export
+
+    result = export(model_dir, output, fmt, sample=sample, author=author, force=force)
+    for name, check in result["checks"].items():
+        equal = "equal" if check["labels_equal"] else "DIFFERENT"
+        difference = check["max_abs_difference"]
+        typer.echo(f"{name}: ONNX vs PyTorch max abs difference {difference:.2g}, labels {equal}")
+    typer.echo(f"wrote {result['output']}")
+
+
 @app.command("demo")
 def demo_command(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder (data, model, report)."),
