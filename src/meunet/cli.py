@@ -280,7 +280,9 @@ def predict_command(
     ),
     batch: int = typer.Option(1, "--batch", min=1, help="Windows per forward pass."),
     device: str = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:1, mps ..."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 / fp16 autocast."),
+    precision: str = typer.Option(
+        "auto", "--precision", help="auto (bf16 where the hardware has it, else fp32), fp32, bf16, fp16."
+    ),
     skip_empty: bool = typer.Option(False, "--skip-empty", help="Skip windows that are all air."),
     air_threshold: float | None = typer.Option(
         None, "--air-threshold", help="Raw intensity below which a voxel is air (default: from the model)."

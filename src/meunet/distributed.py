@@ -283,7 +283,7 @@ def predict_distributed(
     window: Sequence[int] | None = None,
     batch: int = 1,
     device: str = "cpu",
-    precision: str = "fp32",
+    precision: str = "auto",
     skip_empty: bool = False,
     air_threshold: float | None = None,
     tta: bool = False,

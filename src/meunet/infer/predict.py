@@ -98,7 +98,7 @@ def predict(
     window: Sequence[int] | None = None,
     batch: int = 1,
     device: str = "cpu",
-    precision: str = "fp32",
+    precision: str = "auto",
     skip_empty: bool = False,
     air_threshold: float | None = None,
     tta: bool = False,
