@@ -140,7 +140,7 @@ def test_model_directory(volumes, tmp_path):
 
 def test_both_stages_with_cached_stage1_probabilities(volumes, tmp_path):
     config = _config(
-        volumes, tmp_path / "both", stages="both", **{"model.fusion": "pre", "stage2.out_of_fold": False}
+        volumes, tmp_path / "both", stages="both", **{"model.fusion": "pre", "stage2.out_of_fold": False, "stage2.keep_if_better": False}
     )
     out = train(parse_config(config, "cfg"))
     cache = zarr.open_array(str(out / "stage1_cache" / "train_0.zarr"), mode="r")
@@ -299,3 +299,27 @@ def test_stage2_trains_on_out_of_fold_stage1_output(tmp_path, monkeypatch):
             assert np.array_equal(cache[:, z0:z1], expected) == same
     log = (out / "stage1_cache" / "fold1_log.csv").read_text().splitlines()
     assert len(log) == 3 and log[0].startswith("stage,iteration")  # the folds' cost is logged
+
+
+@pytest.mark.parametrize(("stage1_score", "kept"), [(0.9, False), (-1.0, True)])
+def test_the_cascade_is_kept_only_if_it_validates_better(volumes, tmp_path, monkeypatch, stage1_score, kept):
+    import meunet.train.pipeline as pipeline
+
+    load = pipeline.load_checkpoint
+
+    def scored(path):  # stage 1's best validation Dice as the parameter says, stage 2's as trained
+        state = load(path)
+        if path.name == "checkpoint_stage1.pt":
+            state["progress"]["best_score"] = stage1_score
+        return state
+
+    monkeypatch.setattr(pipeline, "load_checkpoint", scored)
+    config = _config(volumes, tmp_path / "m", stages="both", **{"stage2.out_of_fold": False})
+    out = train(parse_config(config, "cfg"))
+    stage2_score = load(out / "checkpoint_stage2.pt")["progress"]["best_score"]
+    assert stage2_score < 0.9  # the tiny cascade is far from perfect
+    meta = json.loads((out / "model.json").read_text())
+    assert (load_model_dir(out).stage2 is not None) == kept == (out / "stage2.pt").exists()
+    assert (out / "stage2_rejected.pt").exists() != kept
+    if not kept:
+        assert meta["stage2_rejected"] == {"stage1_validation_dice": 0.9, "stage2_validation_dice": stage2_score}

@@ -159,6 +159,7 @@ class Stage2Config(_Strict):
     morphology_probability: float = Field(0.4, ge=0, le=1)
     max_radius: int = Field(8, ge=1, le=32)
     removal_probability: float = Field(0.2, ge=0, le=1)
+    keep_if_better: bool = True
 
 
 class TrainConfig(_Strict):

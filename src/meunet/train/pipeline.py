@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import sys
@@ -36,7 +37,7 @@ from meunet.train.loop import Stage, augment_batch, fit_stage, local_losses, sta
 from meunet.train.loss import class_weights
 
 STAGE1_FILES = ("model.json", "stage1.pt", "checkpoint_stage1.pt", "train_log.csv")
-STAGE2_FILES = ("stage2.pt", "checkpoint_stage2.pt")
+STAGE2_FILES = ("stage2.pt", "stage2_rejected.pt", "checkpoint_stage2.pt")
 CACHE_DIR = "stage1_cache"
 OVERLAP = 0.5
 
@@ -277,6 +278,28 @@ def _train_stage2(config, data, meta, out, device, log, resume) -> None:
     save_best = partial(save_model_dir, out, meta, stage1, net, force=True)
     checkpoint = out / "checkpoint_stage2.pt"
     _fit(2, net, config, data, checkpoint, log, device, resume, save_best, caches)
+    if config.stage2.keep_if_better:
+        _keep_the_better_stage(out, meta, stage1)
+
+
+def _keep_the_better_stage(out: Path, meta: dict, stage1: torch.nn.Module) -> None:
+    """Keep the cascade only if its best validation Dice beats stage 1's; otherwise the model directory
+    goes back to stage 1 alone (``stage2.pt`` renamed ``stage2_rejected.pt``, both scores in
+    ``model.json`` under ``stage2_rejected``), so that training a cascade never makes the model worse."""
+    checkpoints = [out / f"checkpoint_stage{n}.pt" for n in (1, 2)]
+    if not all(c.exists() for c in checkpoints):
+        return
+    scores = [load_checkpoint(c)["progress"]["best_score"] for c in checkpoints]
+    if scores[1] > scores[0]:
+        return
+    os.replace(out / "stage2.pt", out / "stage2_rejected.pt")
+    note = {"stage1_validation_dice": scores[0], "stage2_validation_dice": scores[1]}
+    save_model_dir(out, {**meta, "stage2_rejected": note}, stage1, None, force=True)
+    print(
+        f"meunet train: stage 2 validated at mean foreground Dice {scores[1]:.3f}, stage 1 at "
+        f"{scores[0]:.3f}: the model is stage 1 alone (stage2.keep_if_better: false keeps the cascade)",
+        file=sys.stderr,
+    )
 
 
 def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Path:
