@@ -63,7 +63,7 @@ class DemoSettings:
     validations: int
 
 
-FULL = DemoSettings((192, 96, 96), 6, (8, 16, 32, 64, 64), 32, 2, 9e-4, (1200, 600), 4)
+FULL = DemoSettings((192, 96, 96), 6, (8, 16, 32, 64, 64), 32, 2, 9e-4, (1500, 400), 5)
 QUICK = DemoSettings((128, 64, 64), 5, (8, 16, 32, 32, 32), 32, 4, 2e-3, (150, 50), 1)
 
 
