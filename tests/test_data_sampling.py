@@ -265,5 +265,3 @@ def test_held_out_regions_are_never_read_by_a_fold():
             assert 0 < len(kept) < len(index)
             for v, (z, _, _) in zip(kept.volume, kept.start, strict=True):
                 assert all(v != rv or z + 16 + 4 <= z0 or z - 4 >= z1 for rv, z0, z1 in fold)
-
-

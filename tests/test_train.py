@@ -86,7 +86,9 @@ def test_same_seed_same_weights_whatever_the_loader_workers(volumes, tmp_path):
 def test_resume_continues_exactly(volumes, tmp_path, cli):
     # a longer run continued: only a constant learning rate makes it the same run as one of 8 steps
     constant = {"training.schedule": "constant"}
-    train(parse_config(_config(volumes, tmp_path / "whole", **constant, **{"training.max_iterations": 8}), "c"))
+    train(
+        parse_config(_config(volumes, tmp_path / "whole", **constant, **{"training.max_iterations": 8}), "c")
+    )
     half = _config(volumes, tmp_path / "split", **constant, **{"training.max_iterations": 4})
     train(parse_config(half, "cfg"))
     assert (
@@ -140,7 +142,10 @@ def test_model_directory(volumes, tmp_path):
 
 def test_both_stages_with_cached_stage1_probabilities(volumes, tmp_path):
     config = _config(
-        volumes, tmp_path / "both", stages="both", **{"model.fusion": "pre", "stage2.out_of_fold": False, "stage2.keep_if_better": False}
+        volumes,
+        tmp_path / "both",
+        stages="both",
+        **{"model.fusion": "pre", "stage2.out_of_fold": False, "stage2.keep_if_better": False},
     )
     out = train(parse_config(config, "cfg"))
     cache = zarr.open_array(str(out / "stage1_cache" / "train_0.zarr"), mode="r")
@@ -322,4 +327,7 @@ def test_the_cascade_is_kept_only_if_it_validates_better(volumes, tmp_path, monk
     assert (load_model_dir(out).stage2 is not None) == kept == (out / "stage2.pt").exists()
     assert (out / "stage2_rejected.pt").exists() != kept
     if not kept:
-        assert meta["stage2_rejected"] == {"stage1_validation_dice": 0.9, "stage2_validation_dice": stage2_score}
+        assert meta["stage2_rejected"] == {
+            "stage1_validation_dice": 0.9,
+            "stage2_validation_dice": stage2_score,
+        }
