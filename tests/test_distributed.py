@@ -168,7 +168,9 @@ def test_cascade_blocks_equal_single_process_prediction(tmp_path):
     skip = _skip_settings(NORM, 3, None)
     got = np.zeros_like(expected)
     for core in plan_blocks(image.shape, (8, 16, 16)):
-        got[tuple(slice(*c) for c in core)] = predict_block(bundle, image, SlidingWindow(WINDOW), core, skip)
+        got[tuple(slice(*c) for c in core)] = predict_block(
+            bundle, image, SlidingWindow(WINDOW, precision="auto"), core, skip
+        )
     assert len(np.unique(expected)) > 1
     np.testing.assert_array_equal(got, expected)
 

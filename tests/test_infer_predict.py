@@ -70,7 +70,7 @@ def test_predict_single_stage_matches_engine(models, tmp_path):
     assert out.array.dtype == np.uint8 and out.array.shape == (40, 20, 24)
     assert out.spacing == (0.5, 0.25, 0.25)
     bundle = load_model_dir(models["single"])
-    expected = SlidingWindow((16, 16, 16)).labels(
+    expected = SlidingWindow((16, 16, 16), precision="auto").labels(
         bundle.net, [Input(read_volume(image).array, NORM.apply)], 3
     )
     np.testing.assert_array_equal(out.array, expected)
@@ -96,7 +96,7 @@ def test_predict_cascade_and_probabilities(models, cascade_run):
         p.name for p in cascade_run["labels"].parent.iterdir() if p.name.startswith(".")
     ] == []  # no scratch
     bundle = load_model_dir(models["post"])
-    engine = SlidingWindow((16, 16, 16))
+    engine = SlidingWindow((16, 16, 16), precision="auto")
     image_input = Input(np.load(cascade_run["image"]), NORM.apply)
     stage1 = np.concatenate(
         [
@@ -122,7 +122,7 @@ def test_predict_cascade_on_stage1_features(tmp_path):
     image = _image(tmp_path / "image.npy", shape=(20, 16, 12))
     predict(model, image, tmp_path / "labels.npy", progress=False)
     bundle = load_model_dir(model)
-    engine = SlidingWindow((16, 16, 16))
+    engine = SlidingWindow((16, 16, 16), precision="auto")
     image_input = Input(np.load(image), NORM.apply)
     features = [
         s.astype(np.float16) for _, s in engine.stream(bundle.stage1.features, [image_input], WIDTHS[0])

@@ -40,7 +40,7 @@ def segment(
     *,
     overlap: float = 0.5,
     device: str = "cpu",
-    precision: str = "fp32",
+    precision: str = "auto",
     skip_empty: bool = False,
     on_window: Callable[[int, int], None] = lambda done, total: None,
 ) -> tuple[np.ndarray, list[str]]:

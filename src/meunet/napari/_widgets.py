@@ -25,8 +25,8 @@ from superqt.utils import create_worker  # napari's own would also report a canc
 from meunet.errors import InputError
 from meunet.napari._layers import geometry, labels_kwargs, layer_class_names, level0
 from meunet.napari._segment import segment
+from meunet.precision import PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 COLUMNS = ["class", "Dice", "IoU", "HD95 mm"]
 
 
@@ -59,7 +59,7 @@ class SegmentWidget(Container):
         self.model_dir = FileEdit(label="model directory", mode="d")
         self.image = _layer_choice(napari_viewer, Image, "image")
         self.device = ComboBox(label="device", choices=_devices(), value="cpu")
-        self.precision = ComboBox(label="precision", choices=PRECISIONS, value="fp32")
+        self.precision = ComboBox(label="precision", choices=PRECISIONS, value="auto")
         self.overlap = FloatSpinBox(label="overlap", value=0.5, min=0.0, max=0.9, step=0.05)
         self.skip_empty = CheckBox(text="skip empty (all-air) windows", value=False)
         # Post-processing: a checkbox goes here once meunet.infer.predict has a `postprocess` argument.
