@@ -4,6 +4,7 @@ and the OME-Zarr labels pyramid."""
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -328,3 +329,23 @@ def test_existing_output_and_empty_folder_are_input_errors(data, client, tmp_pat
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no volumes"):
         predict_distributed(data["model"], tmp_path / "empty", tmp_path / "out", client, progress=False)
+
+
+def test_post_processing_on_dask_equals_single_process(data, client, tmp_path):
+    import json
+
+    from meunet.infer.postprocess import apply_rules
+
+    model = tmp_path / "model"
+    shutil.copytree(data["model"], model)
+    reference = _reference(data, "a")
+    present = next(c for c in (1, 2) if (reference == c).any())
+    rules = {str(present): {"largest_component": True}}
+    meta = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps({**meta, "postprocessing": rules}))
+    predict_distributed(
+        model, data["a"], tmp_path / "a.zarr", client, chunks=CHUNKS, block=BLOCK, progress=False
+    )
+    expected = apply_rules(reference, rules)
+    assert not np.array_equal(expected, reference)  # the rule changes something here
+    np.testing.assert_array_equal(_labels(tmp_path / "a.zarr"), expected)

@@ -295,6 +295,9 @@ def predict_command(
     no_progress: bool = typer.Option(False, "--no-progress", help="No memory line, no progress bars."),
     force: bool = typer.Option(False, "--force", help="Overwrite outputs; ignore the memory estimate."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (e.g. Zarr output)."),
+    no_postprocess: bool = typer.Option(
+        False, "--no-postprocess", help="Skip the post-processing rules that training chose on validation."
+    ),
     dask: str | None = typer.Option(
         None,
         "--dask",
@@ -313,6 +316,7 @@ def predict_command(
             model_dir, input, output, dask, overlap=overlap, blend=blend, window=window, batch=batch,
             device=device, precision=precision, skip_empty=skip_empty, air_threshold=air_threshold, tta=tta,
             stats_json=stats_json, progress=not no_progress, force=force, resume=resume,
+            postprocess=not no_postprocess,
         ):  # fmt: skip
             typer.echo(
                 f"wrote {s['output']}: {s['blocks']} blocks ({s['blocks_reused']} from an earlier run), "
@@ -325,7 +329,7 @@ def predict_command(
         model_dir, input, output, overlap=overlap, blend=blend, window=window, batch=batch, device=device,
         precision=precision, skip_empty=skip_empty, air_threshold=air_threshold, tta=tta,
         probabilities=probabilities, stats_json=stats_json, progress=not no_progress, force=force,
-        resume=resume,
+        resume=resume, postprocess=not no_postprocess,
     )  # fmt: skip
     typer.echo(
         f"wrote {output}: {stats['voxels']} voxels in {stats['seconds']:.1f} s "

@@ -31,6 +31,7 @@ import numpy as np
 
 from meunet import allocator_tunables
 from meunet.errors import InputError
+from meunet.infer.postprocess import SLAB_VOXELS, postprocess_slabs
 from meunet.infer.window import Input, SlidingWindow, WindowCounts
 
 Region = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # [lo, hi) per axis (z, y, x)
@@ -294,6 +295,7 @@ def predict_distributed(
     progress: bool = True,
     force: bool = False,
     resume: bool = False,
+    postprocess: bool = True,
 ) -> list[dict[str, Any]]:
     """Segment a volume, or a folder of volumes, on a Dask cluster into OME-Zarr labels with a pyramid.
 
@@ -373,7 +375,10 @@ def predict_distributed(
                 key = f"meunet-block-{target.name}-{_marker(job, core).name}-{os.urandom(4).hex()}"
                 futures[client.submit(_run_block, job, core, key=key, pure=False)] = volume_stats
         _gather(client, futures, progress)
+        rules = (bundle.meta.get("postprocessing") or {}) if postprocess else {}
         for writer in writers:
+            if rules:
+                _postprocess_in_place(writer.target, rules)
             add_label_pyramid(writer.target, pyramid_levels, bundle.classes)
             shutil.rmtree(writer.partial / SCRATCH)
     for s in stats:
@@ -497,6 +502,19 @@ def downsample_mode(labels: np.ndarray) -> np.ndarray:
         best[better] = value
         best_count[better] = count[better]
     return best
+
+
+def _postprocess_in_place(path: Path, rules: dict) -> None:
+    """Apply post-processing rules to level 0 of an OME-Zarr labels image, slab by slab on the client, in
+    place (each slab is read before it is written, and the second pass reads only its own slab), so the
+    labels equal those of single-process prediction."""
+    import zarr
+
+    group = zarr.open_group(path, mode="r+")
+    level0 = group[group.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]]
+    depth = level0.chunks[0] * max(1, SLAB_VOXELS // (level0.chunks[0] * level0.shape[1] * level0.shape[2]))
+    for z0, slab in postprocess_slabs(level0, rules, depth):
+        level0[z0 : z0 + len(slab)] = slab
 
 
 def add_label_pyramid(

@@ -27,6 +27,7 @@ import zarr
 
 from meunet.data.normalization import Normalization
 from meunet.errors import InputError
+from meunet.infer.postprocess import postprocess_slabs
 from meunet.infer.window import Input, SlidingWindow, WindowCounts, labels_from_scores
 from meunet.io import Volume, VolumeWriter, create_writer, open_volume
 
@@ -107,6 +108,7 @@ def predict(
     progress: bool = True,
     force: bool = False,
     resume: bool = False,
+    postprocess: bool = True,
 ) -> dict[str, Any]:
     """Segment a volume with a trained model directory and write uint8 labels in the input's geometry.
 
@@ -125,6 +127,9 @@ def predict(
         force: overwrite existing outputs, and run even if the memory estimate exceeds available memory.
         resume: continue the partial output of an interrupted run with the same model and settings
             (formats the writers can resume, e.g. Zarr); the labels equal those of an uninterrupted run.
+        postprocess: apply ``model.json``'s post-processing rules (:mod:`meunet.infer.postprocess`, chosen
+            on validation by training): the raw labels then go to a Zarr scratch beside the output and are
+            post-processed slab by slab into the output, in bounded memory.
 
     Returns:
         the statistics (also written to ``stats_json``), plus ``estimated_peak_bytes``.
@@ -167,9 +172,14 @@ def predict(
     skip = _skip_settings(normalization, n_classes, air_threshold) if skip_empty else {}
     shape = tuple(volume.array.shape)
     counts = WindowCounts()
+    rules = (bundle.meta.get("postprocessing") or {}) if postprocess else {}
+    # raw labels to be post-processed: a fixed name, so that --resume finds them
+    raw = output.parent / f".{output.name}.raw.zarr" if rules else output
     with ExitStack() as stack:
         writers = [
-            stack.enter_context(create_writer(output, shape, np.uint8, volume, force=force, resume=resume))
+            stack.enter_context(
+                create_writer(raw, shape, np.uint8, volume, force=force or bool(rules), resume=resume)
+            )
         ]
         if probabilities is not None:
             writer = ProbabilityWriter(probabilities, shape, n_classes, force=force, resume=resume)
@@ -190,6 +200,12 @@ def predict(
         for z0, slabs in _aligned(_outputs(engine, scores, probabilities is not None), align, shape[0]):
             for writer, slab in zip(writers, slabs, strict=True):
                 writer.write(z0, slab)
+    if rules:
+        with create_writer(output, shape, np.uint8, volume, force=force) as writer:
+            for z0, slab in _aligned(((z, (s,)) for z, s in postprocess_slabs(open_volume(raw).array, rules)),
+                                     writer.z_chunk, shape[0]):  # fmt: skip
+                writer.write(z0, slab[0])
+        shutil.rmtree(raw)
     seconds = time.perf_counter() - start
     voxels = math.prod(shape)
     stats = {
@@ -200,6 +216,7 @@ def predict(
         "windows": counts.windows,
         "windows_skipped": counts.skipped,
         "estimated_peak_bytes": estimate,
+        "postprocessing": rules,
     }
     if stats_json is not None:
         _write_json(Path(stats_json), stats)

@@ -45,6 +45,13 @@ def validation_dice(
     return dice_from_confusion(confusion)
 
 
+def validation_labels(
+    net: Callable[..., torch.Tensor], inputs: Sequence[Input], n_classes: int, engine: SlidingWindow
+) -> np.ndarray:
+    """uint8 (Z, Y, X) labels of one (validation) volume, in memory."""
+    return np.concatenate([labels_from_scores(scores) for _, scores in engine.stream(net, inputs, n_classes)])
+
+
 def image_input(image, normalization: Normalization) -> Input:
     """The engine input of a raw (Z, Y, X) image: raw zeros past the border, then normalisation."""
     return Input(image, normalization.apply, 0.0)

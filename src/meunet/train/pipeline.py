@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -21,6 +22,7 @@ from meunet.data.patches import PatchDataset
 from meunet.data.sampling import fold_regions, without_regions
 from meunet.errors import InputError
 from meunet.infer import SlidingWindow
+from meunet.infer.postprocess import choose_rules
 from meunet.models import Cascade, MeUNet, UNet3D, load_model_dir, save_model_dir
 from meunet.train.checkpoint import load_checkpoint, save_checkpoint
 from meunet.train.config import TrainConfig
@@ -31,6 +33,7 @@ from meunet.train.inference import (
     image_input,
     probability_input,
     validation_dice,
+    validation_labels,
 )
 from meunet.train.log import TrainLog
 from meunet.train.loop import Stage, augment_batch, fit_stage, local_losses, stage1_losses, stage2_losses
@@ -348,5 +351,34 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Pat
     stage1_changed = 1 in stages and _train_stage1(config, data, meta, out, device, log, resume)
     if 2 in stages:
         _train_stage2(config, data, meta, out, device, log, resume and not stage1_changed)
+    _choose_postprocessing(config, data, out, device)
     log.plot(out / "curves.png")
     return out
+
+
+def _choose_postprocessing(config: TrainConfig, data: TrainingData, out: Path, device) -> None:
+    """Predict the validation volumes with the final model, choose the post-processing rules that raise
+    validation Dice (:func:`meunet.infer.postprocess.choose_rules`) and store them in ``model.json``
+    (``postprocessing``); prints what was chosen."""
+    bundle = load_model_dir(out, device)
+    engine = _engine(config, device)
+    n_classes = len(data.split.classes)
+    pairs = []
+    for i, pair in enumerate(data.split.validation):
+        inputs = [image_input(open_array(pair.image), data.normalization)]
+        if bundle.stage2 is not None:
+            inputs.append(probability_input(zarr.open_array(str(out / CACHE_DIR / f"validation_{i}.zarr"))))
+        truth = np.asarray(open_array(pair.label)).astype(np.uint8, copy=False)
+        pairs.append((validation_labels(bundle.net, inputs, n_classes, engine), truth))
+    rules, dice = choose_rules(pairs, n_classes)
+    meta = json.loads((out / "model.json").read_text())
+    meta["postprocessing"] = rules
+    meta["postprocessing_validation_dice"] = dice
+    tmp = out / f".model.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, out / "model.json")
+    chosen = ", ".join(
+        f"{data.split.classes[int(c)]}: {next(iter(r))} ({dice[c]['before']:.3f} -> {dice[c]['after']:.3f})"
+        for c, r in rules.items()
+    )
+    print(f"meunet train: post-processing chosen on validation: {chosen or 'none'}", file=sys.stderr)
