@@ -32,6 +32,7 @@ import numpy as np
 from meunet import allocator_tunables
 from meunet.errors import InputError
 from meunet.infer.window import Input, SlidingWindow, WindowCounts
+from meunet.io import check_new_output
 
 Region = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # [lo, hi) per axis (z, y, x)
 
@@ -350,8 +351,7 @@ def predict_distributed(
         if not target.name.endswith(".zarr"):
             raise InputError(target, "distributed prediction writes OME-Zarr: give an output ending in .zarr")
     for path in [o for _, o in pairs] + ([] if stats_json is None else [Path(stats_json)]):
-        if path.exists() and not force:
-            raise InputError(path, "output exists; use --force to overwrite it")
+        check_new_output(path, force)
     volumes = [open_volume(i) for i, _ in pairs]
     if pairs != [(Path(input), Path(output))]:
         Path(output).mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ import zarr
 from meunet.data.normalization import Normalization
 from meunet.errors import InputError
 from meunet.infer.window import Input, SlidingWindow, WindowCounts, labels_from_scores
-from meunet.io import Volume, VolumeWriter, create_writer, open_volume
+from meunet.io import Volume, VolumeWriter, atomic_output, check_new_output, create_writer, open_volume
 
 SKIP_MARGIN = 10.0  # a skipped window's logits: 0 for background, -SKIP_MARGIN for the others
 ACTIVATION_FACTOR = 9  # inference activations ~ this x top width x window voxels x 4 bytes (measured, CPU)
@@ -51,12 +51,11 @@ class ProbabilityWriter(VolumeWriter):
 
     def __init__(self, path, shape: Sequence[int], channels: int, force: bool = False, resume: bool = False):
         path = Path(path)
-        if path.exists() and not force:
-            raise InputError(path, "output exists; use --force to overwrite it")
+        check_new_output(path, force)
         if not path.name.endswith(".zarr"):
             raise InputError(path, "probabilities are written as Zarr: give a name ending in .zarr")
         geometry = Volume(np.broadcast_to(np.zeros((), np.float16), tuple(shape)))
-        super().__init__(path, geometry, tuple(min(64, n) for n in shape), resume)
+        super().__init__(path, geometry, tuple(min(64, n) for n in shape), resume, force)
         self.channels = channels
         self.z_chunk = self.chunks[0]
 
@@ -138,8 +137,8 @@ def predict(
     start = time.perf_counter()
     output = Path(output)
     for path in (output, probabilities, stats_json):
-        if path is not None and Path(path).exists() and not force:
-            raise InputError(path, "output exists; use --force to overwrite it")
+        if path is not None:
+            check_new_output(path, force)
     _check_device(device)
     bundle = load_model_dir(model_dir, device)
     volume = open_volume(input)
@@ -376,6 +375,5 @@ def _written_prefix(writers: Sequence[VolumeWriter], align: int) -> int:
 
 
 def _write_json(path: Path, values: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(values, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(values, indent=2) + "\n")

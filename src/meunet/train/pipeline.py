@@ -20,6 +20,7 @@ from meunet.data.patches import PatchDataset
 from meunet.data.sampling import fold_regions, without_regions
 from meunet.errors import InputError
 from meunet.infer import SlidingWindow
+from meunet.io import output_lock
 from meunet.models import Cascade, MeUNet, UNet3D, load_model_dir, save_model_dir
 from meunet.train.checkpoint import load_checkpoint, save_checkpoint
 from meunet.train.config import TrainConfig
@@ -298,8 +299,15 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Pat
         The model directory.
 
     Raises:
-        InputError: a bad device, output state, data set or volume (one line naming the problem).
+        InputError: a bad device, output state, data set or volume (one line naming the problem), or another
+            run training into the same output.
     """
+    with output_lock(config.output):
+        return _train(config, resume, force)
+
+
+def _train(config: TrainConfig, resume: bool, force: bool) -> Path:
+    """:func:`train`, run under the lock of its output."""
     out = config.output
     stages = {"1": [1], "2": [2], "both": [1, 2]}[config.stages]
     device = resolve_device(config.device)
