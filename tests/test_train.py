@@ -11,6 +11,7 @@ import torch
 import yaml
 import zarr
 
+from meunet.errors import InputError
 from meunet.io import Volume, write_volume
 from meunet.models import load_model_dir
 from meunet.train import parse_config, train
@@ -86,7 +87,9 @@ def test_same_seed_same_weights_whatever_the_loader_workers(volumes, tmp_path):
 def test_resume_continues_exactly(volumes, tmp_path, cli):
     # a longer run continued: only a constant learning rate makes it the same run as one of 8 steps
     constant = {"training.schedule": "constant"}
-    train(parse_config(_config(volumes, tmp_path / "whole", **constant, **{"training.max_iterations": 8}), "c"))
+    train(
+        parse_config(_config(volumes, tmp_path / "whole", **constant, **{"training.max_iterations": 8}), "c")
+    )
     half = _config(volumes, tmp_path / "split", **constant, **{"training.max_iterations": 4})
     train(parse_config(half, "cfg"))
     assert (
@@ -299,3 +302,27 @@ def test_stage2_trains_on_out_of_fold_stage1_output(tmp_path, monkeypatch):
             assert np.array_equal(cache[:, z0:z1], expected) == same
     log = (out / "stage1_cache" / "fold1_log.csv").read_text().splitlines()
     assert len(log) == 3 and log[0].startswith("stage,iteration")  # the folds' cost is logged
+
+
+@pytest.mark.parametrize("key", ["training.learning_rate", "patch.context_scale", "training.max_epochs"])
+def test_config_refuses_infinite_and_nan_floats(volumes, tmp_path, key):
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(InputError, match=key.replace(".", r"\.")):
+            parse_config(_config(volumes, tmp_path / "out", **{key: bad}), "cfg")
+
+
+def test_training_stops_at_the_first_non_finite_loss(volumes, tmp_path, monkeypatch):
+    import meunet.train.loop as loop
+
+    calls = []
+
+    def nan_on_second_step(*args, **kwargs):
+        calls.append(1)
+        loss = loop_wd_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 3 else loss  # steps of 2 calls (local, context)
+
+    loop_wd_loss = loop.wd_loss
+    monkeypatch.setattr(loop, "wd_loss", nan_on_second_step)
+    with pytest.raises(InputError, match="training: non-finite loss at stage 1 step 2"):
+        train(parse_config(_config(volumes, tmp_path / "out"), "cfg"))
+    assert not (tmp_path / "out" / "checkpoint_stage1.pt").exists()

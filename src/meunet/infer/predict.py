@@ -27,7 +27,7 @@ import zarr
 
 from meunet.data.normalization import Normalization
 from meunet.errors import InputError
-from meunet.infer.window import Input, SlidingWindow, WindowCounts, labels_from_scores
+from meunet.infer.window import Input, SlidingWindow, WindowCounts, label_dtype, labels_from_scores
 from meunet.io import Volume, VolumeWriter, atomic_output, check_new_output, create_writer, open_volume
 
 SKIP_MARGIN = 10.0  # a skipped window's logits: 0 for background, -SKIP_MARGIN for the others
@@ -107,7 +107,8 @@ def predict(
     force: bool = False,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Segment a volume with a trained model directory and write uint8 labels in the input's geometry.
+    """Segment a volume with a trained model directory and write labels (uint8, uint16 beyond 256 classes) in
+    the input's geometry.
 
     Args:
         model_dir: directory written by training (``model.json``, ``stage1.pt``, optional ``stage2.pt``).
@@ -161,14 +162,16 @@ def predict(
     _check_memory(
         input, estimate, force, progress, f"{tuple(volume.array.shape)} voxels, window {engine.window}"
     )
-    image = Input(volume.array, normalization.apply)
+    image = Input(volume.array, normalization.apply, path=str(input))
     n_classes = len(bundle.classes)
     skip = _skip_settings(normalization, n_classes, air_threshold) if skip_empty else {}
     shape = tuple(volume.array.shape)
     counts = WindowCounts()
     with ExitStack() as stack:
         writers = [
-            stack.enter_context(create_writer(output, shape, np.uint8, volume, force=force, resume=resume))
+            stack.enter_context(
+                create_writer(output, shape, label_dtype(n_classes), volume, force=force, resume=resume)
+            )
         ]
         if probabilities is not None:
             writer = ProbabilityWriter(probabilities, shape, n_classes, force=force, resume=resume)

@@ -122,8 +122,11 @@ def open_volume(path: str | PathLike[str], spacing: tuple[float, float, float] |
     volume = opener(path)
     if spacing is not None:
         volume.spacing = tuple(float(s) for s in spacing)  # type: ignore[assignment]
-        if len(volume.spacing) != 3 or min(volume.spacing) <= 0:
-            raise InputError(path, f"spacing needs three positive values (z, y, x), got {spacing}")
+        largest = float(np.finfo(np.float32).max)  # NIfTI, TIFF and ITK headers store float32
+        if len(volume.spacing) != 3 or not all(0 < s <= largest for s in volume.spacing):
+            raise InputError(
+                path, f"spacing needs three positive finite values (z, y, x) that fit float32, got {spacing}"
+            )
     return volume
 
 
