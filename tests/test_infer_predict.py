@@ -16,6 +16,7 @@ import zarr
 from meunet.data.normalization import Normalization
 from meunet.errors import InputError
 from meunet.infer import Input, SlidingWindow, predict
+from meunet.infer.window import labels_from_scores
 from meunet.io import Volume, open_volume, read_volume, write_volume
 from meunet.models import Cascade, MeUNet, UNet3D, load_model_dir, save_model_dir
 from test_infer_window import _one_torch_thread  # noqa: F401 (autouse fixture: one torch thread here too)
@@ -252,3 +253,31 @@ def test_cli_predict_and_bad_input_lines(cli, models, tmp_path):
             and message in result.stderr
         )
     assert not (tmp_path / "a.npy").exists()
+
+
+def test_predict_refuses_a_nan_voxel_naming_the_input(models, tmp_path):
+    array = np.full((40, 20, 24), 50.0, np.float32)
+    array[33, 4, 5] = np.nan
+    write_volume(tmp_path / "nan.npy", Volume(array))
+    with pytest.raises(InputError, match=r"nan\.npy: non-finite voxel .* z = 33"):
+        predict(models["single"], tmp_path / "nan.npy", tmp_path / "labels.zarr", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy"]
+
+
+@pytest.mark.parametrize("std", [0.0, float("nan"), float("inf")])
+def test_predict_refuses_bad_normalization_naming_model_json(models, tmp_path, std):
+    model = tmp_path / "model"
+    shutil.copytree(models["single"], model)
+    meta = json.loads((model / "model.json").read_text())
+    meta["normalization"]["std"] = std
+    (model / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"model\.json: no valid 'normalization'"):
+        predict(model, _image(tmp_path / "image.npy"), tmp_path / "labels.zarr", progress=False)
+
+
+def test_labels_beyond_256_classes_are_uint16():
+    scores = np.zeros((300, 2, 3, 3), np.float32)
+    scores[299, 1] = 1.0
+    labels = labels_from_scores(scores)
+    assert labels.dtype == np.uint16 and labels.max() == 299
+    assert labels_from_scores(scores[:256]).dtype == np.uint8

@@ -362,3 +362,10 @@ def test_float16_where_the_format_holds_it_and_bool_as_uint8(tmp_path):
     assert back.dtype == np.uint8
     np.testing.assert_array_equal(back, half > 0.5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "a.zarr", "mask.nii.gz"]
+
+
+@pytest.mark.parametrize("bad", [1e39, float("inf"), float("nan")])
+def test_open_volume_refuses_spacing_that_is_not_finite_float32(tmp_path, bad):
+    np.save(tmp_path / "a.npy", np.zeros((2, 2, 2), np.uint8))
+    with pytest.raises(InputError, match="positive finite values"):
+        open_volume(tmp_path / "a.npy", (1.0, bad, 1.0))

@@ -11,6 +11,7 @@ import torch
 import yaml
 import zarr
 
+from meunet.errors import InputError
 from meunet.io import Volume, write_volume
 from meunet.models import load_model_dir
 from meunet.train import parse_config, train
@@ -331,3 +332,27 @@ def test_the_cascade_is_kept_only_if_it_validates_better(volumes, tmp_path, monk
             "stage1_validation_dice": 0.9,
             "stage2_validation_dice": stage2_score,
         }
+
+
+@pytest.mark.parametrize("key", ["training.learning_rate", "patch.context_scale", "training.max_epochs"])
+def test_config_refuses_infinite_and_nan_floats(volumes, tmp_path, key):
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(InputError, match=key.replace(".", r"\.")):
+            parse_config(_config(volumes, tmp_path / "out", **{key: bad}), "cfg")
+
+
+def test_training_stops_at_the_first_non_finite_loss(volumes, tmp_path, monkeypatch):
+    import meunet.train.loop as loop
+
+    calls = []
+
+    def nan_on_second_step(*args, **kwargs):
+        calls.append(1)
+        loss = loop_wd_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 3 else loss  # steps of 2 calls (local, context)
+
+    loop_wd_loss = loop.wd_loss
+    monkeypatch.setattr(loop, "wd_loss", nan_on_second_step)
+    with pytest.raises(InputError, match="training: non-finite loss at stage 1 step 2"):
+        train(parse_config(_config(volumes, tmp_path / "out"), "cfg"))
+    assert not (tmp_path / "out" / "checkpoint_stage1.pt").exists()

@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 
 from meunet import __version__, allocator_tunables
 from meunet.errors import InputError
+from meunet.io import atomic_output, check_new_output
 
 
 class _Group(TyperGroup):
@@ -223,8 +224,8 @@ def bench_memory(
     import json
 
     for out in (json_file, plot):
-        if out is not None and out.exists() and not force:
-            raise InputError(out, "exists (use --force to overwrite)")
+        if out is not None:
+            check_new_output(out, force)
     if precision not in ("fp32", "bf16", "fp16"):
         raise InputError("--precision", f"must be fp32, bf16 or fp16, not {precision!r}")
     if device not in ("cpu", "cuda", "meta"):
@@ -245,13 +246,11 @@ def bench_memory(
     records = measure_memory(StepSetting(patch, context_scale, batch, tuple(width_list), precision, device))
     typer.echo(format_table(records))
     if json_file is not None:
-        tmp = json_file.with_name(f".{json_file.name}.tmp")
-        tmp.write_text(json.dumps(records, indent=1) + "\n")
-        os.replace(tmp, json_file)
+        with atomic_output(json_file) as tmp:
+            tmp.write_text(json.dumps(records, indent=1) + "\n")
     if plot is not None:
-        tmp = plot.with_name(f".{plot.name}.tmp.png")
-        plot_memory(records, tmp)
-        os.replace(tmp, plot)
+        with atomic_output(plot) as tmp:
+            plot_memory(records, tmp)
 
 
 @app.command("train")

@@ -32,7 +32,8 @@ import numpy as np
 from meunet import allocator_tunables
 from meunet.errors import InputError
 from meunet.infer.postprocess import SLAB_VOXELS, postprocess_slabs
-from meunet.infer.window import Input, SlidingWindow, WindowCounts
+from meunet.infer.window import Input, SlidingWindow, WindowCounts, label_dtype
+from meunet.io import check_new_output
 
 Region = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # [lo, hi) per axis (z, y, x)
 
@@ -352,8 +353,7 @@ def predict_distributed(
         if not target.name.endswith(".zarr"):
             raise InputError(target, "distributed prediction writes OME-Zarr: give an output ending in .zarr")
     for path in [o for _, o in pairs] + ([] if stats_json is None else [Path(stats_json)]):
-        if path.exists() and not force:
-            raise InputError(path, "output exists; use --force to overwrite it")
+        check_new_output(path, force)
     volumes = [open_volume(i) for i, _ in pairs]
     if pairs != [(Path(input), Path(output))]:
         Path(output).mkdir(parents=True, exist_ok=True)
@@ -363,7 +363,13 @@ def predict_distributed(
         for (source, target), volume in zip(pairs, volumes, strict=True):
             writer = stack.enter_context(
                 create_writer(
-                    target, volume.array.shape, np.uint8, volume, chunks, force=force, resume=resume
+                    target,
+                    volume.array.shape,
+                    label_dtype(len(bundle.classes)),
+                    volume,
+                    chunks,
+                    force=force,
+                    resume=resume,
                 )
             )
             job, todo, volume_stats = _prepare(
@@ -494,7 +500,7 @@ def downsample_mode(labels: np.ndarray) -> np.ndarray:
     )  # doubles each vote of a half cell
     z, y, x = (n // 2 for n in padded.shape)
     cells = padded.reshape(z, 2, y, 2, x, 2)
-    best = np.zeros((z, y, x), np.uint8)
+    best = np.zeros((z, y, x), labels.dtype)
     best_count = np.zeros((z, y, x), np.uint8)
     for value in np.unique(labels):
         count = (cells == value).sum(axis=(1, 3, 5), dtype=np.uint8)
@@ -554,7 +560,7 @@ def add_label_pyramid(
             str(k),
             shape=shape,
             chunks=chunks,
-            dtype=np.uint8,
+            dtype=level0.dtype,
             dimension_names=("z", "y", "x"),
             overwrite=True,
             config={"write_empty_chunks": True},
@@ -563,7 +569,7 @@ def add_label_pyramid(
         down = pairs.map_blocks(
             downsample_mode,
             chunks=tuple(tuple(-(-c // 2) for c in axis) for axis in pairs.chunks),
-            dtype=np.uint8,
+            dtype=level0.dtype,
         )
         da.store(down, target, lock=False)
         factor = 2.0**k

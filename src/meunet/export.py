@@ -17,8 +17,6 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from torch import nn
 
 from meunet.data.normalization import Normalization
 from meunet.errors import InputError
+from meunet.io import atomic_output, check_new_output
 from meunet.models import load_model_dir
 from meunet.models.bundle import STAGE1_ARCHITECTURES
 from meunet.models.cascade import build_cascade
@@ -94,8 +93,7 @@ def export(
     model_dir, output = Path(model_dir), Path(output).absolute()
     if fmt not in FORMATS:
         raise InputError("--format", f"must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    if output.exists() and not force:
-        raise InputError(output, "output exists; use --force to overwrite it")
+    check_new_output(output, force)
     if fmt == "bioimageio" and output.suffix != ".zip":
         raise InputError(output, "a BioImage Model Zoo package is a .zip file: give a name ending in .zip")
     if not output.parent.is_dir():
@@ -108,8 +106,7 @@ def export(
     whole = ProbabilityNet(meta["stage1"], meta.get("stage2"))
     whole.net.load_state_dict((bundle.stage2 or bundle.stage1).state_dict())
     image = torch.from_numpy(normalization.apply(raw)[None, None])
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
-        work = Path(tmp) / "out"
+    with atomic_output(output, force) as work:
         work.mkdir()
         checks = {"model.onnx": _onnx(whole, (image,), ["image"], "probabilities", work / "model.onnx")}
         if fmt == "onnx":
@@ -121,12 +118,8 @@ def export(
                 )
             summary = {"format": fmt, "window": list(tile), "checks": checks, "model": meta}
             (work / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
-            built = work
         else:
-            built = _package(whole, meta, normalization, raw, image, work, model_dir.name, author)
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        os.replace(built, output)
+            _package(whole, meta, normalization, raw, image, work, model_dir.name, author)
     return {"output": str(output), "format": fmt, "window": list(tile), "checks": checks}
 
 

@@ -11,7 +11,6 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from meunet.errors import InputError
+from meunet.io import atomic_output, check_new_output
 
 
 def confusion_matrix(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
@@ -239,8 +239,8 @@ def evaluate(
     from meunet.io import open_volume
 
     for out in (json_file, overlay):
-        if out is not None and Path(out).exists() and not force:
-            raise InputError(out, "output exists; use --force to overwrite it")
+        if out is not None:
+            check_new_output(out, force)
     volumes = {"prediction": (pred, open_volume(pred)), "truth": (truth, open_volume(truth))}
     if image is not None:
         volumes["image"] = (image, open_volume(image))
@@ -262,9 +262,8 @@ def evaluate(
         c = entry["label"]
         entry["name"] = class_names[c] if class_names is not None else f"label {c}"
     if json_file is not None:
-        tmp = Path(json_file).with_name(f".{Path(json_file).name}.tmp")
-        tmp.write_text(json.dumps(_finite_or_none(result), indent=2) + "\n")
-        os.replace(tmp, json_file)
+        with atomic_output(json_file) as tmp:
+            tmp.write_text(json.dumps(_finite_or_none(result), indent=2) + "\n")
     if overlay is not None:
         from meunet.report import save_overlay
 

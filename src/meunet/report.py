@@ -23,6 +23,8 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from meunet.io import atomic_output
+
 PLANES = ("axial (z)", "coronal (y)", "sagittal (x)")
 
 
@@ -132,9 +134,8 @@ def save_overlay(
             ax.set_axis_off()
     handles = [Patch(color=cmap(c), label=names[c]) for c in range(n_classes)]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(n_classes, 5))
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=80)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
     return path
 
 
@@ -217,9 +218,8 @@ def html_report(title: str, sections: Sequence[Section]) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_report(

@@ -6,6 +6,7 @@ prediction time, so a model sees the same intensity scale on every scan of the s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -34,8 +35,17 @@ class Normalization:
 
     @classmethod
     def from_dict(cls, values: dict[str, float]) -> Normalization:
-        """Inverse of :meth:`to_dict`."""
-        return cls(**{k: float(values[k]) for k in ("clip_low", "clip_high", "mean", "std")})
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: a value is not finite, ``std`` is not positive, or ``clip_low > clip_high``.
+        """
+        norm = cls(**{k: float(values[k]) for k in ("clip_low", "clip_high", "mean", "std")})
+        if not all(math.isfinite(v) for v in norm.to_dict().values()):
+            raise ValueError(f"normalization values must be finite, got {norm.to_dict()}")
+        if not norm.std > 0 or norm.clip_low > norm.clip_high:
+            raise ValueError(f"normalization needs std > 0 and clip_low <= clip_high, got {norm.to_dict()}")
+        return norm
 
     @classmethod
     def fit(

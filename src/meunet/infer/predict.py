@@ -28,8 +28,8 @@ import zarr
 from meunet.data.normalization import Normalization
 from meunet.errors import InputError
 from meunet.infer.postprocess import postprocess_slabs
-from meunet.infer.window import Input, SlidingWindow, WindowCounts, labels_from_scores
-from meunet.io import Volume, VolumeWriter, create_writer, open_volume
+from meunet.infer.window import Input, SlidingWindow, WindowCounts, label_dtype, labels_from_scores
+from meunet.io import Volume, VolumeWriter, atomic_output, check_new_output, create_writer, open_volume
 
 SKIP_MARGIN = 10.0  # a skipped window's logits: 0 for background, -SKIP_MARGIN for the others
 ACTIVATION_FACTOR = 9  # inference activations ~ this x top width x window voxels x 4 bytes (measured, CPU)
@@ -52,12 +52,11 @@ class ProbabilityWriter(VolumeWriter):
 
     def __init__(self, path, shape: Sequence[int], channels: int, force: bool = False, resume: bool = False):
         path = Path(path)
-        if path.exists() and not force:
-            raise InputError(path, "output exists; use --force to overwrite it")
+        check_new_output(path, force)
         if not path.name.endswith(".zarr"):
             raise InputError(path, "probabilities are written as Zarr: give a name ending in .zarr")
         geometry = Volume(np.broadcast_to(np.zeros((), np.float16), tuple(shape)))
-        super().__init__(path, geometry, tuple(min(64, n) for n in shape), resume)
+        super().__init__(path, geometry, tuple(min(64, n) for n in shape), resume, force)
         self.channels = channels
         self.z_chunk = self.chunks[0]
 
@@ -110,7 +109,8 @@ def predict(
     resume: bool = False,
     postprocess: bool = True,
 ) -> dict[str, Any]:
-    """Segment a volume with a trained model directory and write uint8 labels in the input's geometry.
+    """Segment a volume with a trained model directory and write labels (uint8, uint16 beyond 256 classes) in
+    the input's geometry.
 
     Args:
         model_dir: directory written by training (``model.json``, ``stage1.pt``, optional ``stage2.pt``).
@@ -143,8 +143,8 @@ def predict(
     start = time.perf_counter()
     output = Path(output)
     for path in (output, probabilities, stats_json):
-        if path is not None and Path(path).exists() and not force:
-            raise InputError(path, "output exists; use --force to overwrite it")
+        if path is not None:
+            check_new_output(path, force)
     _check_device(device)
     bundle = load_model_dir(model_dir, device)
     volume = open_volume(input)
@@ -167,7 +167,7 @@ def predict(
     _check_memory(
         input, estimate, force, progress, f"{tuple(volume.array.shape)} voxels, window {engine.window}"
     )
-    image = Input(volume.array, normalization.apply)
+    image = Input(volume.array, normalization.apply, path=str(input))
     n_classes = len(bundle.classes)
     skip = _skip_settings(normalization, n_classes, air_threshold) if skip_empty else {}
     shape = tuple(volume.array.shape)
@@ -178,7 +178,9 @@ def predict(
     with ExitStack() as stack:
         writers = [
             stack.enter_context(
-                create_writer(raw, shape, np.uint8, volume, force=force or bool(rules), resume=resume)
+                create_writer(
+                    raw, shape, label_dtype(n_classes), volume, force=force or bool(rules), resume=resume
+                )
             )
         ]
         if probabilities is not None:
@@ -201,7 +203,7 @@ def predict(
             for writer, slab in zip(writers, slabs, strict=True):
                 writer.write(z0, slab)
     if rules:
-        with create_writer(output, shape, np.uint8, volume, force=force) as writer:
+        with create_writer(output, shape, label_dtype(n_classes), volume, force=force) as writer:
             for z0, slab in _aligned(((z, (s,)) for z, s in postprocess_slabs(open_volume(raw).array, rules)),
                                      writer.z_chunk, shape[0]):  # fmt: skip
                 writer.write(z0, slab[0])
@@ -393,6 +395,5 @@ def _written_prefix(writers: Sequence[VolumeWriter], align: int) -> int:
 
 
 def _write_json(path: Path, values: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(values, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(values, indent=2) + "\n")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from meunet.errors import InputError
 from meunet.precision import autocast_dtype, resolve_precision
 
 Blend = Literal["gaussian", "constant", "vote"]
@@ -73,9 +74,15 @@ def importance_map(window: Shape3, blend: Blend) -> np.ndarray:
     return weights.clamp(min=max(weights.min().item(), 1e-3)).numpy()
 
 
+def label_dtype(n_classes: int) -> np.dtype:
+    """The dtype of label maps of ``n_classes`` classes: uint8 up to 256 classes, uint16 beyond."""
+    return np.dtype(np.uint8 if n_classes <= 256 else np.uint16)
+
+
 def labels_from_scores(scores: np.ndarray) -> np.ndarray:
-    """Argmax over classes, slice by slice (no int64 slab): float (C, Z, Y, X) -> uint8 (Z, Y, X)."""
-    labels = np.empty(scores.shape[1:], np.uint8)
+    """Argmax over classes, slice by slice (no int64 slab): float (C, Z, Y, X) -> (Z, Y, X) labels of
+    :func:`label_dtype` (uint8, or uint16 beyond 256 classes)."""
+    labels = np.empty(scores.shape[1:], label_dtype(scores.shape[0]))
     for z in range(scores.shape[1]):
         labels[z] = np.argmax(scores[:, z], axis=0)
     return labels
@@ -101,11 +108,14 @@ class Input:
         fill: raw value (scalar, or one per channel) of voxels past the border of a volume smaller than the
             window, applied before ``transform``; as training pads its patches (raw zeros for images,
             background one-hot for stage-1 probabilities).
+        path: the file the array comes from; when given, a NaN or infinite voxel in a float array stops the
+            stream with an :class:`InputError` naming it (checked slab by slab as the slabs are read).
     """
 
     array: Any
     transform: Callable[[np.ndarray], np.ndarray] | None = None
     fill: float | tuple[float, ...] = 0.0
+    path: str | None = None
 
     def window(self, raw: np.ndarray) -> np.ndarray:
         """The float32 network input of one raw window."""
@@ -209,7 +219,7 @@ class SlidingWindow:
         rows = [i for i, z in enumerate(zs) if z + wz > start_z]
         acc = np.zeros((n_out, wz, *padded[1:]), np.float32)
         weight_sum = np.zeros((wz, *padded[1:]), np.float32)
-        caches = [_SlabCache(i.array, wz) for i in inputs]
+        caches = [_SlabCache(i.array, wz, i.path) for i in inputs]
         skip_out = None if skip_below is None else self._skip_output(skip_logits)
         row = list(itertools.product(ys, xs))  # batches do not span rows of windows
         bar = tqdm(total=len(rows) * len(row), disable=not progress, unit="window")
@@ -233,9 +243,9 @@ class SlidingWindow:
     def labels(
         self, net: Callable[..., torch.Tensor], inputs: Sequence[Input | np.ndarray], n_out: int, **kwargs
     ) -> np.ndarray:
-        """Whole-volume uint8 labels (Z, Y, X) in memory: :meth:`stream` followed by argmax (for blocks of a
-        Dask array, tests, small volumes). ``kwargs`` go to :meth:`stream`."""
-        out = np.empty(tuple(_as_input(inputs[0]).array.shape[-3:]), np.uint8)
+        """Whole-volume labels (Z, Y, X) of :func:`label_dtype` in memory: :meth:`stream` followed by argmax
+        (for blocks of a Dask array, tests, small volumes). ``kwargs`` go to :meth:`stream`."""
+        out = np.empty(tuple(_as_input(inputs[0]).array.shape[-3:]), label_dtype(n_out))
         for z0, scores in self.stream(net, inputs, n_out, **kwargs):
             out[z0 : z0 + scores.shape[1]] = labels_from_scores(scores)
         return out
@@ -304,8 +314,9 @@ def _as_input(value: Input | np.ndarray) -> Input:
 class _SlabCache:
     """The raw z-range [z0, z1) of one source, kept across window rows so each slice is read once."""
 
-    def __init__(self, source, depth: int) -> None:
+    def __init__(self, source, depth: int, path: str | None = None) -> None:
         self.source = source
+        self.path = path
         channels = source.shape[0] if source.ndim == 4 else 1
         self.buffer = np.empty((channels, depth, *source.shape[-2:]), source.dtype)
         self.z0 = self.z1 = 0
@@ -321,7 +332,11 @@ class _SlabCache:
         return self.buffer[:, : z1 - z0]
 
     def _read(self, z0: int, z1: int) -> np.ndarray:
-        return np.asarray(self.source[:, z0:z1] if self.source.ndim == 4 else self.source[z0:z1][None])
+        slab = np.asarray(self.source[:, z0:z1] if self.source.ndim == 4 else self.source[z0:z1][None])
+        if self.path is not None and slab.dtype.kind == "f" and not np.isfinite(slab).all():
+            z = z0 + int(np.argwhere(~np.isfinite(slab))[0][1])
+            raise InputError(self.path, f"non-finite voxel (NaN or infinity) in slice z = {z}")
+        return slab
 
 
 def _shift(acc: np.ndarray, weight_sum: np.ndarray, d: int) -> None:

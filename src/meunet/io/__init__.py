@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from meunet.errors import InputError
+from meunet.io._safe import atomic_output, check_new_output, output_lock
 from meunet.io._volume import LazyArray, Volume
 from meunet.io._writer import VolumeWriter
 
@@ -24,9 +25,12 @@ __all__ = [
     "LazyArray",
     "Volume",
     "VolumeWriter",
+    "atomic_output",
+    "check_new_output",
     "create_writer",
     "iter_slabs",
     "open_volume",
+    "output_lock",
     "read_volume",
     "value_range",
     "volume_format",
@@ -118,8 +122,11 @@ def open_volume(path: str | PathLike[str], spacing: tuple[float, float, float] |
     volume = opener(path)
     if spacing is not None:
         volume.spacing = tuple(float(s) for s in spacing)  # type: ignore[assignment]
-        if len(volume.spacing) != 3 or min(volume.spacing) <= 0:
-            raise InputError(path, f"spacing needs three positive values (z, y, x), got {spacing}")
+        largest = float(np.finfo(np.float32).max)  # NIfTI, TIFF and ITK headers store float32
+        if len(volume.spacing) != 3 or not all(0 < s <= largest for s in volume.spacing):
+            raise InputError(
+                path, f"spacing needs three positive finite values (z, y, x) that fit float32, got {spacing}"
+            )
     return volume
 
 
@@ -161,8 +168,7 @@ def create_writer(
     """
     path = Path(path)
     suffix = _suffix(path)
-    if path.exists() and not force:
-        raise InputError(path, "output exists; use --force to overwrite it")
+    check_new_output(path, force)
     if not path.parent.is_dir():
         raise InputError(path.parent, "the output folder does not exist")
     if suffix and suffix not in _SUFFIX_FORMATS:
@@ -189,7 +195,7 @@ def create_writer(
         from meunet.io._itk import ItkWriter as Writer
     else:
         from meunet.io._npy import NpyWriter as Writer
-    return Writer(path, geometry, None if chunks is None else tuple(int(c) for c in chunks), resume)
+    return Writer(path, geometry, None if chunks is None else tuple(int(c) for c in chunks), resume, force)
 
 
 def _slab_depth(shape: tuple[int, ...], dtype, chunk_z: int = 1) -> int:

@@ -3,7 +3,9 @@
 Every writer works inside a sibling folder ``.<name>.partial/`` that holds the output under its final name
 (plus, for MetaImage, its ``.raw`` data file) and a progress log. On a clean exit the output is moved into
 place and the folder removed; on an exception the folder is removed, unless the writer was opened with
-``resume=True``, in which case a later ``resume=True`` writer continues from it.
+``resume=True``, in which case a later ``resume=True`` writer continues from it. A writer holds the lock
+of :func:`meunet.io._safe.output_lock` on the final name from ``__enter__`` to ``__exit__``, so the folder
+belongs to one run at a time: a second writer of the same output stops with one line.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from meunet.errors import InputError
+from meunet.io._safe import check_new_output, output_lock, user_error
 from meunet.io._volume import Volume
 
 PROGRESS = "progress.jsonl"
@@ -41,8 +45,16 @@ class VolumeWriter:
 
     resumable = False  # formats with random-access writes into a file that survives the process
 
-    def __init__(self, path: Path, geometry: Volume, chunks: tuple[int, int, int] | None, resume: bool):
+    def __init__(
+        self,
+        path: Path,
+        geometry: Volume,
+        chunks: tuple[int, int, int] | None,
+        resume: bool,
+        force: bool = False,
+    ):
         self.path = Path(path)
+        self.force = force
         self.geometry = geometry
         self.shape: tuple[int, int, int] = tuple(int(n) for n in geometry.array.shape)  # type: ignore[assignment]
         self.dtype = np.dtype(geometry.array.dtype)
@@ -56,6 +68,7 @@ class VolumeWriter:
         self.target = self.partial / self.path.name
         self._done = np.zeros(self.shape[0], dtype=bool)
         self._log = None
+        self._lock = ExitStack()
         self.z_chunk = 1  # slabs aligned to multiples of this depth write whole chunks (Zarr)
 
     # -- the part each format fills in -------------------------------------------------------------------
@@ -83,6 +96,18 @@ class VolumeWriter:
 
     # -- common machinery ---------------------------------------------------------------------------------
     def __enter__(self) -> VolumeWriter:
+        self._lock.enter_context(output_lock(self.path))
+        try:
+            check_new_output(self.path, self.force)  # again, now that no other run can create it
+            return self._open_partial()
+        except OSError as exc:
+            self._lock.close()
+            raise (user_error(self.path, exc) or exc) from None
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _open_partial(self) -> VolumeWriter:
         g = self.geometry
         header = {
             "shape": list(self.shape),
@@ -128,7 +153,10 @@ class VolumeWriter:
         if not np.can_cast(slab.dtype, self.dtype, "safe"):
             raise TypeError(f"slab dtype {slab.dtype} does not cast safely to the output dtype {self.dtype}")
         z1 = z0 + slab.shape[0]
-        self._write(z0, np.ascontiguousarray(slab, dtype=self.dtype))
+        try:
+            self._write(z0, np.ascontiguousarray(slab, dtype=self.dtype))
+        except OSError as exc:
+            raise (user_error(self.path, exc) or exc) from None
         self._done[z0:z1] = True
         self._log.write(f"[{z0}, {z1}]\n")
         self._log.flush()
@@ -140,16 +168,20 @@ class VolumeWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._log is not None:
             self._log.close()
-        if exc_type is not None:
-            self._discard()
-            return
-        try:
-            self._finish()
-            self._release()
-            self._move_into_place()
-        except BaseException:
-            self._discard()
-            raise
+        with self._lock:
+            if exc_type is not None:
+                self._discard()
+                return
+            try:
+                self._finish()
+                self._release()
+                self._move_into_place()
+            except OSError as exc:
+                self._discard()
+                raise (user_error(self.path, exc) or exc) from None
+            except BaseException:
+                self._discard()
+                raise
 
     def _discard(self) -> None:
         """After a failure: close handles, and remove the partial output unless it is kept for resuming."""

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from meunet.errors import InputError
+from meunet.io import atomic_output, check_new_output
 from meunet.models.cascade import Cascade, build_cascade
 from meunet.models.meunet import MeUNet
 from meunet.models.unet import UNet3D
@@ -76,8 +77,7 @@ def save_model_dir(
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(path, "exists and is not a directory")
-    if (path / "model.json").exists() and not force:
-        raise InputError(path, "model directory exists (use --force to overwrite)")
+    check_new_output(path / "model.json", force)
     path.mkdir(parents=True, exist_ok=True)
     meta = {
         **meta,
@@ -90,12 +90,11 @@ def save_model_dir(
     if stage2 is not None:
         files["stage2.pt"] = _state_dict_cpu(stage2, skip_prefix="stage1.")
     for name, state in files.items():
-        tmp = path / f".{name}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path / name)
-    tmp = path / ".model.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, path / "model.json")
+        with atomic_output(path / name) as tmp:
+            with open(tmp, "wb") as f:  # a file object: the bytes do not depend on the temporary name
+                torch.save(state, f)
+    with atomic_output(path / "model.json", force) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
     if stage2 is None:
         (path / "stage2.pt").unlink(missing_ok=True)
     return path

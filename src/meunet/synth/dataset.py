@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import ExitStack, nullcontext
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from meunet.errors import InputError
+from meunet.io import atomic_output
 from meunet.synth.acquisition import Acquisition, Phantom, default_workers, scan
 from meunet.synth.fly import design_fly
 from meunet.synth.porous import design_porous
@@ -234,9 +234,8 @@ def write_scan(out: Path, entry: dict, phantom: Phantom, acq: Acquisition, pool,
 def write_meta(out: Path, meta: dict) -> Path:
     """Write ``out/dataset.json`` under a temporary name, then rename it; returns its path."""
     path = out / "dataset.json"
-    partial = out / ".dataset.json.partial"
-    partial.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(partial, path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return path
 
 

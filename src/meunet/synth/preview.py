@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from meunet.io import atomic_output
 from meunet.report import PLANES, foreground_centre, label_colormap, orthogonal_slices
 
 
@@ -47,7 +48,6 @@ def save_preview(
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
     if title:
         fig.suptitle(title)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=90)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
     return path

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from meunet.io import atomic_output
 
 
 def rng_states() -> dict[str, Any]:
@@ -41,10 +42,10 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """``torch.save`` to ``.NAME.tmp`` beside ``path``, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to a temporary name unique to the run, then rename over ``path`` (under its lock)."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: the bytes do not depend on the temporary name
+            torch.save(payload, f)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def _resolve(path: Path | None, info: ValidationInfo) -> Path | None:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class VolumePair(_Strict):

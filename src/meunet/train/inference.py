@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from meunet.data.normalization import Normalization
 from meunet.infer import Input, SlidingWindow, labels_from_scores, predict_stage1
+from meunet.io import atomic_output
 from meunet.metrics import confusion_matrix, dice_from_confusion
 from meunet.models import Cascade
 
@@ -95,6 +95,5 @@ def cache_stage1_output(
         return
     key_file.unlink(missing_ok=True)
     predict_stage1(cascade, image_input(image, normalization), path, engine, force=True)
-    tmp = key_file.with_name(f".{key_file.name}.tmp")
-    tmp.write_text(tag)
-    os.replace(tmp, key_file)
+    with atomic_output(key_file) as tmp:
+        tmp.write_text(tag)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
+
+from meunet.io import atomic_output
 
 BASE_COLUMNS = ["stage", "iteration", "epoch", "loss", "local_loss", "context_loss", "seconds", "it_per_s"]
 
@@ -41,12 +42,10 @@ class TrainLog:
         """Add one row (missing values are left empty) with the Dice (C,) per class, and rewrite the file."""
         row = {**row, **dict(zip(self.dice_columns, dice.tolist(), strict=True))}
         self.rows.append({k: "" if row.get(k) is None else f"{row[k]:.6g}" for k in self.columns})
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_output(self.path) as tmp, tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, self.columns)
             writer.writeheader()
             writer.writerows(self.rows)
-        os.replace(tmp, self.path)
 
     def plot(self, path: Path) -> None:
         """Draw ``curves.png``: training losses (left) and validation Dice per class (right) by iteration."""
@@ -75,7 +74,6 @@ class TrainLog:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize="small")
         fig.tight_layout()
-        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-        fig.savefig(tmp, dpi=100)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
-        os.replace(tmp, path)

@@ -21,6 +21,7 @@ from meunet.data.augment import (
     random_transforms,
 )
 from meunet.data.patches import PatchDataset
+from meunet.errors import InputError
 from meunet.precision import autocast_dtype, resolve_precision
 from meunet.train.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from meunet.train.config import AugmentationConfig, Stage2Config, TrainConfig
@@ -253,6 +254,12 @@ def fit_stage(
         batch = augment({k: v.to(device, non_blocking=True) for k, v in batch.items()}, generator)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             losses = stage.losses(stage.net, batch)
+        if not torch.isfinite(losses["loss"].detach()).item():  # stop before non-finite weights exist
+            raise InputError(
+                "training",
+                f"non-finite loss at stage {stage.number} step {progress.iteration + 1}: "
+                "lower training.learning_rate or check the data",
+            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
         scaler.step(optimizer)

@@ -23,6 +23,7 @@ from meunet.data.sampling import fold_regions, without_regions
 from meunet.errors import InputError
 from meunet.infer import SlidingWindow
 from meunet.infer.postprocess import choose_rules
+from meunet.io import atomic_output, output_lock
 from meunet.models import Cascade, MeUNet, UNet3D, load_model_dir, save_model_dir
 from meunet.train.checkpoint import load_checkpoint, save_checkpoint
 from meunet.train.config import TrainConfig
@@ -324,8 +325,15 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Pat
         The model directory.
 
     Raises:
-        InputError: a bad device, output state, data set or volume (one line naming the problem).
+        InputError: a bad device, output state, data set or volume (one line naming the problem), or another
+            run training into the same output.
     """
+    with output_lock(config.output):
+        return _train(config, resume, force)
+
+
+def _train(config: TrainConfig, resume: bool, force: bool) -> Path:
+    """:func:`train`, run under the lock of its output."""
     out = config.output
     stages = {"1": [1], "2": [2], "both": [1, 2]}[config.stages]
     device = resolve_device(config.device)
@@ -374,9 +382,8 @@ def _choose_postprocessing(config: TrainConfig, data: TrainingData, out: Path, d
     meta = json.loads((out / "model.json").read_text())
     meta["postprocessing"] = rules
     meta["postprocessing_validation_dice"] = dice
-    tmp = out / f".model.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "model.json")
+    with atomic_output(out / "model.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
     chosen = ", ".join(
         f"{data.split.classes[int(c)]}: {next(iter(r))} ({dice[c]['before']:.3f} -> {dice[c]['after']:.3f})"
         for c, r in rules.items()

@@ -1,0 +1,125 @@
+"""Safe outputs: one writer per output, a temporary name unique to the run, rename at last.
+
+Every file or folder meunet writes goes through :func:`atomic_output` (or, for the streaming volume writers,
+:func:`output_lock` around their ``.<name>.partial/`` folder):
+
+* :func:`check_new_output` refuses an existing output unless ``--force`` was given;
+* :func:`output_lock` takes an exclusive lock on ``.<name>.lock`` beside the output (``filelock``, an
+  ``flock`` that the kernel drops when the process dies, so ``kill -9`` leaves no stale lock); a second run
+  writing the same output stops with one line instead of interleaving with the first;
+* :func:`atomic_output` builds the output under ``.<name>.<pid>-<token>.tmp`` and renames it into place only
+  when the block ends cleanly; on any failure the temporary is removed and a full disk, a read-only file
+  system or a permission problem becomes one :class:`InputError` line.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from os import PathLike
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from meunet.errors import InputError
+
+# write failures a user fixes (space, quota, read-only mount, permissions): one line, not a traceback
+USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def check_new_output(path: str | PathLike[str], force: bool) -> None:
+    """Refuse an output that exists already unless ``force``.
+
+    Raises:
+        InputError: ``path`` exists and ``force`` is false.
+    """
+    if Path(path).exists() and not force:
+        raise InputError(path, "output exists; use --force to overwrite it")
+
+
+def user_error(path: str | PathLike[str], exc: OSError) -> InputError | None:
+    """One :class:`InputError` line for a write failure a user can fix (disk full, read-only ...), or None."""
+    if exc.errno in USER_ERRNOS:
+        return InputError(path, f"cannot write: {exc.strerror or os.strerror(exc.errno)}")
+    return None
+
+
+@contextmanager
+def output_lock(path: str | PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on the output ``path`` (file ``.<name>.lock`` beside it, removed at the end).
+
+    Raises:
+        InputError: another process (or another writer in this one) holds the lock, or the folder cannot
+            take the lock file (read-only, full, no permission).
+    """
+    path = Path(path)
+    lock_path = path.parent / f".{path.name}.lock"
+    lock = FileLock(lock_path, timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise InputError(path, "another run is writing this output; wait for it or choose another") from None
+    except OSError as exc:
+        raise (user_error(path, exc) or exc) from None
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)  # while still held: a waiting writer sees the inode is gone
+        lock.release()
+
+
+def temporary_name(path: str | PathLike[str]) -> Path:
+    """``.<stem>.<pid>-<random token>.tmp<suffix>`` beside ``path``: unique to this run and this call (the
+    suffix is kept for writers that choose the format from it)."""
+    path = Path(path)
+    return path.parent / f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}"
+
+
+def remove(path: Path) -> None:
+    """Remove a file or folder if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_output(path: str | PathLike[str], force: bool = True) -> Iterator[Path]:
+    """Lock ``path``, yield a temporary path unique to this run, and rename it onto ``path`` at a clean end.
+
+    The caller writes a file (or builds a folder) at the yielded path. A folder replaces an existing
+    ``path`` folder, which is removed after the rename. On an exception the temporary is removed.
+
+    Args:
+        path: the final output.
+        force: replace an existing output (checked again once the lock is held).
+
+    Raises:
+        InputError: the output exists and ``force`` is false, another run writes it, or the disk is full,
+            read-only or not writable.
+    """
+    path = Path(path)
+    with output_lock(path):
+        check_new_output(path, force)
+        tmp = temporary_name(path)
+        old = None
+        try:
+            yield tmp
+            if tmp.is_dir() and path.exists():  # rename cannot replace a folder: move the old one aside
+                old = temporary_name(path)
+                os.replace(path, old)
+            os.replace(tmp, path)
+        except OSError as exc:
+            remove(tmp)
+            if old is not None and not path.exists():
+                os.replace(old, path)
+            raise (user_error(path, exc) or exc) from None
+        except BaseException:
+            remove(tmp)
+            raise
+        if old is not None:
+            remove(old)
