@@ -70,7 +70,7 @@ def test_cli_bench_memory_json(cli, tmp_path):
 
     again = cli(*args, "--json", out)
     assert again.exit_code == 2
-    assert again.stderr.strip() == f"error: {out}: exists (use --force to overwrite)"
+    assert again.stderr.strip() == f"error: {out}: output exists; use --force to overwrite it"
 
 
 @pytest.mark.parametrize(

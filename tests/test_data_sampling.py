@@ -254,14 +254,22 @@ def test_held_out_regions_are_never_read_by_a_fold():
     from meunet.data.sampling import PatchIndex, fold_regions, without_regions
 
     rng = np.random.default_rng(0)
-    for depths, folds in (([40], 2), ([40], 3), ([30, 50, 20], 2), ([30, 50, 20, 10], 3)):
-        starts = np.stack([rng.integers(-8, 50, 200), np.zeros(200), np.zeros(200)], 1).astype(np.int64)
-        index = PatchIndex(rng.integers(0, len(depths), 200), starts, np.ones((200, 2), np.int64))
-        regions = fold_regions(depths, folds)
-        held = [(v, z) for fold in regions for v, z0, z1 in fold for z in range(z0, z1)]
-        assert sorted(held) == [(v, z) for v, d in enumerate(depths) for z in range(d)]  # once each
+    cases = (
+        ([(40, 8, 8)], 2),
+        ([(40, 8, 8)], 3),
+        ([(8, 40, 8)], 2),
+        ([(30, 8, 8), (50, 8, 8), (20, 8, 8)], 2),
+    )
+    cases += (([(30, 8, 8), (50, 8, 8), (20, 8, 8), (10, 8, 8)], 3),)
+    for shapes, folds in cases:
+        starts = rng.integers(-8, 50, (200, 3)).astype(np.int64)
+        index = PatchIndex(rng.integers(0, len(shapes), 200), starts, np.ones((200, 2), np.int64))
+        regions = fold_regions(shapes, folds)
+        held = sorted((v, a, i) for fold in regions for v, a, lo, hi in fold for i in range(lo, hi))
+        axis = [int(np.argmax(s)) if len(shapes) < folds else 0 for s in shapes]
+        assert held == [(v, axis[v], i) for v, s in enumerate(shapes) for i in range(s[axis[v]])]  # once each
         for fold in regions:
-            kept = without_regions(index, fold, 16, 4)
+            kept = without_regions(index, fold, (16, 16, 16), (4, 4, 4))
             assert 0 < len(kept) < len(index)
-            for v, (z, _, _) in zip(kept.volume, kept.start, strict=True):
-                assert all(v != rv or z + 16 + 4 <= z0 or z - 4 >= z1 for rv, z0, z1 in fold)
+            for v, start in zip(kept.volume, kept.start, strict=True):
+                assert all(v != rv or start[a] + 20 <= lo or start[a] - 4 >= hi for rv, a, lo, hi in fold)

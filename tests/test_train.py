@@ -275,19 +275,21 @@ def test_stage2_trains_on_out_of_fold_stage1_output(tmp_path, monkeypatch):
     seen = []
     original = pipeline.without_regions
 
-    def spy(index, regions, patch_z, margin_z):
-        kept = original(index, regions, patch_z, margin_z)
-        seen.append((regions, kept, margin_z))
+    def spy(index, regions, patch, margin):
+        kept = original(index, regions, patch, margin)
+        seen.append((regions, kept, margin))
         return kept
 
     monkeypatch.setattr(pipeline, "without_regions", spy)
     out = train(parse_config(config, "cfg"))
     meta = json.loads((out / "model.json").read_text())
-    assert meta["out_of_fold"]["regions"] == [[[0, 0, 32]], [[0, 32, 64]]]
+    assert meta["out_of_fold"]["regions"] == [[[0, 0, 0, 32]], [[0, 0, 32, 64]]]
     # no fold trained on a patch (with its context) that reads the slices it holds out
-    assert [s[0] for s in seen] == [[(0, 0, 32)], [(0, 32, 64)]] and all(s[2] == 4 for s in seen)
+    assert [s[0] for s in seen] == [[(0, 0, 0, 32)], [(0, 0, 32, 64)]] and all(
+        s[2] == (4, 4, 4) for s in seen
+    )
     for regions, kept, _ in seen:
-        (_, z0, z1), lo, hi = regions[0], kept.start[:, 0] - 4, kept.start[:, 0] + 16 + 4
+        (_, _, z0, z1), lo, hi = regions[0], kept.start[:, 0] - 4, kept.start[:, 0] + 16 + 4
         assert len(kept) and ((hi <= z0) | (lo >= z1)).all()
     # each region's cache is the output of the fold model that held it out, not of the final stage 1
     cache = np.asarray(zarr.open_array(str(out / "stage1_cache" / "train_0.zarr"), mode="r"))
@@ -356,3 +358,12 @@ def test_training_stops_at_the_first_non_finite_loss(volumes, tmp_path, monkeypa
     with pytest.raises(InputError, match="training: non-finite loss at stage 1 step 2"):
         train(parse_config(_config(volumes, tmp_path / "out"), "cfg"))
     assert not (tmp_path / "out" / "checkpoint_stage1.pt").exists()
+
+
+def test_out_of_fold_falls_back_to_in_fold_output_when_a_fold_has_no_patch(volumes, tmp_path, capfd):
+    config = _config(volumes, tmp_path / "m", stages="both", **{"stage2.folds": 3})
+    config["data"]["train"] = config["data"]["train"][:1]  # one 32^3 volume: blocks of 10, boxes of 24
+    out = train(parse_config(config, "cfg"))
+    assert "leaves no training patch outside the region it holds out" in capfd.readouterr().err
+    assert "out_of_fold" not in json.loads((out / "model.json").read_text())
+    assert (out / "stage1_cache" / "train_0.json").exists()  # the final stage 1's output, keyed as ever

@@ -17,6 +17,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,8 @@ def export(
     whole = ProbabilityNet(meta["stage1"], meta.get("stage2"))
     whole.net.load_state_dict((bundle.stage2 or bundle.stage1).state_dict())
     image = torch.from_numpy(normalization.apply(raw)[None, None])
-    with atomic_output(output, force) as work:
+    with atomic_output(output, force) as tmp:
+        work = tmp if fmt == "onnx" else tmp.with_name(f"{tmp.name}.files")  # the zip's files, then removed
         work.mkdir()
         checks = {"model.onnx": _onnx(whole, (image,), ["image"], "probabilities", work / "model.onnx")}
         if fmt == "onnx":
@@ -119,7 +121,10 @@ def export(
             summary = {"format": fmt, "window": list(tile), "checks": checks, "model": meta}
             (work / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
         else:
-            _package(whole, meta, normalization, raw, image, work, model_dir.name, author)
+            try:
+                _package(whole, meta, normalization, raw, image, work, tmp, model_dir.name, author)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
     return {"output": str(output), "format": fmt, "window": list(tile), "checks": checks}
 
 
@@ -168,10 +173,11 @@ def _package(
     raw: np.ndarray,
     image: torch.Tensor,
     work: Path,
+    package: Path,
     name: str,
     author: str | None,
 ) -> Path:
-    """Write the package's files into ``work`` and zip them with bioimageio.spec; returns the zip."""
+    """Write the package's files into ``work`` and zip them with bioimageio.spec into ``package``."""
     import tifffile
     from bioimageio.spec import save_bioimageio_package
     from bioimageio.spec.model import v0_5 as bio
@@ -262,7 +268,7 @@ def _package(
         weights=weights,
         config={"meunet": {"model.json": meta}},
     )
-    return save_bioimageio_package(model, output_path=work.with_suffix(".zip"))
+    return save_bioimageio_package(model, output_path=package)
 
 
 def _identifier(name: str) -> str:

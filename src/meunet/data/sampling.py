@@ -174,47 +174,56 @@ def build_index(
     return index
 
 
-Region = tuple[int, int, int]  # (volume number, z0, z1): slices z0 <= z < z1 of one training volume
+Region = tuple[int, int, int, int]  # (volume, axis, lo, hi): lo <= index < hi along one axis of a volume
 
 
-def fold_regions(depths: list[int], folds: int) -> list[list[Region]]:
+def fold_regions(shapes: list[Shape3], folds: int) -> list[list[Region]]:
     """The regions each of ``folds`` folds holds out, for out-of-fold stage-1 output.
 
     With at least as many volumes as folds, fold ``f`` holds out the whole volumes ``i`` with
-    ``i % folds == f``; with fewer, every volume is cut along z into ``folds`` contiguous blocks and fold
-    ``f`` holds out block ``f`` of each (so a single labelled scan works). Every slice of every volume is
-    held out by exactly one fold.
+    ``i % folds == f``; with fewer, every volume is cut into ``folds`` contiguous blocks along its longest
+    axis (z unless another is longer) and fold ``f`` holds out block ``f`` of each (so a single labelled scan
+    works). Every voxel of every volume is held out by exactly one fold.
 
-    >>> fold_regions([10, 10, 10], 2)
-    [[(0, 0, 10), (2, 0, 10)], [(1, 0, 10)]]
-    >>> fold_regions([10], 3)
-    [[(0, 0, 3)], [(0, 3, 6)], [(0, 6, 10)]]
+    >>> fold_regions([(10, 4, 4), (10, 4, 4), (10, 4, 4)], 2)
+    [[(0, 0, 0, 10), (2, 0, 0, 10)], [(1, 0, 0, 10)]]
+    >>> fold_regions([(10, 4, 4)], 3)
+    [[(0, 0, 0, 3)], [(0, 0, 3, 6)], [(0, 0, 6, 10)]]
+    >>> fold_regions([(4, 12, 6)], 2)
+    [[(0, 1, 0, 6)], [(0, 1, 6, 12)]]
     """
-    if len(depths) >= folds:
-        return [[(i, 0, d) for i, d in enumerate(depths) if i % folds == f] for f in range(folds)]
-    return [[(i, d * f // folds, d * (f + 1) // folds) for i, d in enumerate(depths)] for f in range(folds)]
+    if len(shapes) >= folds:
+        return [[(i, 0, 0, s[0]) for i, s in enumerate(shapes) if i % folds == f] for f in range(folds)]
+    axes = [int(np.argmax(s)) for s in shapes]
+    return [
+        [
+            (i, a, s[a] * f // folds, s[a] * (f + 1) // folds)
+            for i, (s, a) in enumerate(zip(shapes, axes, strict=True))
+        ]
+        for f in range(folds)
+    ]
 
 
-def without_regions(index: PatchIndex, regions: list[Region], patch_z: int, margin_z: int) -> PatchIndex:
+def without_regions(index: PatchIndex, regions: list[Region], patch: Shape3, margin: Shape3) -> PatchIndex:
     """The patches of ``index`` that read nothing of ``regions``.
 
     Args:
         index: kept patches; ``index.start`` are local patch starts.
-        regions: held-out (volume, z0, z1) regions.
-        patch_z: local patch depth.
-        margin_z: what a sample reads beyond the local patch on each side along z (the context margin of
-            a meU-net, else 0).
+        regions: held-out (volume, axis, lo, hi) regions.
+        patch: local patch side (z, y, x).
+        margin: what a sample reads beyond the local patch on each side (the context margin of a meU-net,
+            else 0).
 
     >>> index = PatchIndex(np.zeros(4, np.int64), np.array([[0, 0, 0], [8, 0, 0], [16, 0, 0], [24, 0, 0]]),
     ...                    np.ones((4, 2), np.int64))
-    >>> without_regions(index, [(0, 0, 16)], 8, 0).start[:, 0].tolist()
+    >>> without_regions(index, [(0, 0, 0, 16)], (8, 8, 8), (0, 0, 0)).start[:, 0].tolist()
     [16, 24]
-    >>> without_regions(index, [(0, 0, 16)], 8, 4).start[:, 0].tolist()
+    >>> without_regions(index, [(0, 0, 0, 16)], (8, 8, 8), (4, 4, 4)).start[:, 0].tolist()
     [24]
     """
     keep = np.ones(len(index), dtype=bool)
-    lo = index.start[:, 0] - margin_z
-    hi = index.start[:, 0] + patch_z + margin_z
-    for volume, z0, z1 in regions:
-        keep &= ~((index.volume == volume) & (lo < z1) & (hi > z0))
+    for volume, axis, lo, hi in regions:
+        first = index.start[:, axis] - margin[axis]
+        last = index.start[:, axis] + patch[axis] + margin[axis]
+        keep &= ~((index.volume == volume) & (first < hi) & (last > lo))
     return PatchIndex(index.volume[keep], index.start[keep], index.counts[keep])

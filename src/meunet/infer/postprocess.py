@@ -34,7 +34,7 @@ from meunet.io import iter_slabs
 
 Rules = dict[str, dict]
 CONNECTIVITY = 26
-SLAB_VOXELS = 1 << 24  # voxels per slab of the streamed passes (16 M: 16 MiB of uint8, 64 MiB of labels)
+SLAB_VOXELS = 1 << 22  # voxels per slab of the streamed passes (4 M: 4 MiB of uint8, 32 MiB of int64 ids)
 
 
 def apply_rules(labels: np.ndarray, rules: Rules) -> np.ndarray:
@@ -43,7 +43,7 @@ def apply_rules(labels: np.ndarray, rules: Rules) -> np.ndarray:
     for key, rule in rules.items():
         c = int(key)
         components = cc3d.connected_components(labels == c, connectivity=CONNECTIVITY)
-        sizes = np.bincount(components.ravel())
+        sizes = cc3d.statistics(components)["voxel_counts"]  # no int64 copy of the volume
         out[(components > 0) & ~_kept(sizes, rule)[components]] = 0
     return out
 
@@ -183,7 +183,7 @@ def choose_rules(
     report: dict[str, dict[str, float]] = {}
     for c in range(1, n_classes):
         truths = [cc3d.connected_components(t == c, connectivity=CONNECTIVITY) for _, t in pairs]
-        smallest = min((int(np.bincount(t.ravel())[1:].min()) for t in truths if t.any()), default=0)
+        smallest = min((int(cc3d.statistics(t)["voxel_counts"][1:].min()) for t in truths if t.any()), default=0)
         candidates = [{"largest_component": True}]
         candidates += [{"min_size": s} for s in sorted({smallest // 2, smallest // 10}) if s > 1]
         before = _pooled_dice(pairs, c, None)

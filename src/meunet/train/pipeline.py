@@ -179,18 +179,18 @@ def _train_stage1(config, data, meta, out, device, log, resume) -> bool:
     return _fit(1, net, config, data, checkpoint, log, device, resume, save_best) > 0
 
 
-def _train_fold(config, data, fold: int, regions, out: Path, device, resume) -> torch.nn.Module:
+def _train_fold(config, data, fold: int, regions, out: Path, device, resume) -> torch.nn.Module | None:
     """Train the stage-1 model of one fold on the training patches that read nothing of ``regions`` (their
-    context included); returns it with its best validated weights, in eval mode. Its log, checkpoint and
-    weights live in the cache folder (``fold<f>_log.csv``, ``fold<f>_checkpoint.pt``, ``fold<f>.pt``)."""
-    margin = (config.patch.context[0] - config.patch.size[0]) // 2 if config.model.stage1 == "meunet" else 0
-    index = without_regions(data.index, regions, config.patch.size[0], margin)
+    context included); returns it with its best validated weights, in eval mode, or None if no training
+    patch is left. Its log, checkpoint and weights live in the cache folder (``fold<f>_log.csv``,
+    ``fold<f>_checkpoint.pt``, ``fold<f>.pt``)."""
+    meunet = config.model.stage1 == "meunet"
+    margin = tuple(
+        (c - p) // 2 if meunet else 0 for c, p in zip(config.patch.context, config.patch.size, strict=True)
+    )
+    index = without_regions(data.index, regions, config.patch.size, margin)
     if len(index) == 0:
-        raise InputError(
-            "stage2.folds",
-            f"fold {fold} leaves no training patch outside the region it holds out "
-            "(use fewer folds, more training volumes, or stage2.out_of_fold: false)",
-        )
+        return None
     fold_config = config.model_copy(update={"seed": config.seed + 1 + fold})
     net = _stage1_net(fold_config, len(data.split.classes), device, fold_config.seed)
     weights = out / f"fold{fold}.pt"
@@ -216,33 +216,53 @@ def _out_of_fold_caches(config, data, cascade, engine, paths: list[Path], out: P
     Stage 1 is trained ``stage2.folds`` more times (:func:`meunet.data.sampling.fold_regions` says which
     slices each fold holds out); each fold model predicts the volumes it holds out, and only its held-out
     slices are copied into the caches. A cache whose key (fold weights, regions, image, engine) matches is
-    reused. Returns what ``model.json`` records under ``out_of_fold`` (folds, regions, seconds).
+    reused. Returns what ``model.json`` records under ``out_of_fold`` (folds, regions, seconds), or None
+    when some fold would have no training patch left (the caller then caches in-fold output).
     """
     started = time.perf_counter()
     shapes = [tuple(open_array(p.image).shape) for p in data.split.train]
-    folds = fold_regions([s[0] for s in shapes], config.stage2.folds)
+    folds = fold_regions(shapes, config.stage2.folds)
+    nets = []
+    for fold, regions in enumerate(folds):
+        nets.append(_train_fold(config, data, fold, regions, out / CACHE_DIR, device, resume))
+        if nets[-1] is None:
+            print(
+                f"meunet train: stage2.out_of_fold: fold {fold + 1}/{len(folds)} leaves no training patch "
+                "outside the region it holds out (training volumes too small for "
+                f"{len(folds)} folds of {list(config.patch.size)} patches); stage 2 trains on the final "
+                "stage 1's output of its training volumes instead",
+                file=sys.stderr,
+            )
+            return None
+        print(
+            f"meunet train: out-of-fold stage 1, fold {fold + 1}/{len(folds)} trained "
+            f"({time.perf_counter() - started:.0f} s so far)",
+            file=sys.stderr,
+        )
     targets = []
     for path, shape in zip(paths, shapes, strict=True):
         shutil.rmtree(path, ignore_errors=True)
         channels = len(data.split.classes)
         chunks = (channels, *(min(64, n) for n in shape))
         targets.append(zarr.create_array(path, shape=(channels, *shape), chunks=chunks, dtype=np.float16))
-    for fold, regions in enumerate(folds):
-        cascade.stage1 = _train_fold(config, data, fold, regions, out / CACHE_DIR, device, resume)
-        print(
-            f"meunet train: out-of-fold stage 1, fold {fold + 1}/{len(folds)} trained "
-            f"({time.perf_counter() - started:.0f} s so far)",
-            file=sys.stderr,
-        )
+    for fold, (regions, net) in enumerate(zip(folds, nets, strict=True)):
+        cascade.stage1 = net  # the cascade predicts with this fold's stage 1 (the caller restores it)
         digest = file_digest(out / CACHE_DIR / f"fold{fold}.pt")
-        for volume, z0, z1 in regions:
+        for volume, axis, lo, hi in regions:
             pair = data.split.train[volume]
-            key = _cache_key(digest, pair, engine)
             scratch = out / CACHE_DIR / f"fold{fold}_train_{volume}.zarr"
-            cache_stage1_output(cascade, open_array(pair.image), data.normalization, engine, scratch, key)
+            cache_stage1_output(
+                cascade,
+                open_array(pair.image),
+                data.normalization,
+                engine,
+                scratch,
+                _cache_key(digest, pair, engine),
+            )
             source = zarr.open_array(scratch, mode="r")
-            for z in range(z0, z1, 64):
-                targets[volume][:, z : min(z + 64, z1)] = source[:, z : min(z + 64, z1)]
+            for start in range(lo, hi, 64):
+                box = (slice(None),) * (1 + axis) + (slice(start, min(start + 64, hi)),)
+                targets[volume][box] = source[box]
     seconds = time.perf_counter() - started
     print(
         f"meunet train: out-of-fold stage-1 output of {len(folds)} folds took {seconds:.0f} s",
@@ -267,18 +287,17 @@ def _train_stage2(config, data, meta, out, device, log, resume) -> None:
         for which in ("train", "validation")
     }
     (out / CACHE_DIR).mkdir(exist_ok=True)
-    out_of_fold = config.stage2.out_of_fold
+    record = None
+    if config.stage2.out_of_fold:
+        record = _out_of_fold_caches(config, data, net, engine, caches["train"], out, device, resume)
+        net.stage1 = stage1
+        meta = meta if record is None else {**meta, "out_of_fold": record}
     for which, paths in caches.items():
-        if which == "train" and out_of_fold:
+        if which == "train" and record is not None:
             continue
         for pair, path in zip(getattr(data.split, which), paths, strict=True):
             key = _cache_key(digest, pair, engine)
             cache_stage1_output(net, open_array(pair.image), data.normalization, engine, path, key)
-    if out_of_fold:
-        meta = {**meta, "out_of_fold": _out_of_fold_caches(
-            config, data, net, engine, caches["train"], out, device, resume
-        )}  # fmt: skip
-        net.stage1 = stage1
     save_best = partial(save_model_dir, out, meta, stage1, net, force=True)
     checkpoint = out / "checkpoint_stage2.pt"
     _fit(2, net, config, data, checkpoint, log, device, resume, save_best, caches)
