@@ -183,7 +183,9 @@ def choose_rules(
     report: dict[str, dict[str, float]] = {}
     for c in range(1, n_classes):
         truths = [cc3d.connected_components(t == c, connectivity=CONNECTIVITY) for _, t in pairs]
-        smallest = min((int(cc3d.statistics(t)["voxel_counts"][1:].min()) for t in truths if t.any()), default=0)
+        smallest = min(
+            (int(cc3d.statistics(t)["voxel_counts"][1:].min()) for t in truths if t.any()), default=0
+        )
         candidates = [{"largest_component": True}]
         candidates += [{"min_size": s} for s in sorted({smallest // 2, smallest // 10}) if s > 1]
         before = _pooled_dice(pairs, c, None)
