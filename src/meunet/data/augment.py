@@ -5,8 +5,9 @@ gamma, noise, blur: the shifts that beam hardening, cupping and other scanners c
 of cached stage-1 probabilities (morphology and removal of components, nnU-Net's cascade augmentation).
 
 Transforms are defined in voxel units about the patch centre, so a local patch and the context patch centred
-on the same point stay aligned whatever their sizes. Random numbers come from a CPU ``torch.Generator`` and
-the same count is drawn whatever the outcome, so a seed gives the same transforms on every device.
+on the same point stay aligned whatever their sizes. Random numbers come from a CPU ``torch.Generator``
+(the transforms' parameters in a fixed count per sample; noise fields only for the samples that get noise),
+so a seed gives the same transforms on every device.
 """
 
 from __future__ import annotations
