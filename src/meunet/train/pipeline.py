@@ -19,7 +19,7 @@ import zarr
 from meunet import __version__
 from meunet.data.normalization import Normalization
 from meunet.data.patches import PatchDataset
-from meunet.data.sampling import fold_regions, without_regions
+from meunet.data.sampling import PatchIndex, fold_regions, without_regions
 from meunet.errors import InputError
 from meunet.infer import SlidingWindow
 from meunet.infer.postprocess import choose_rules
@@ -179,18 +179,19 @@ def _train_stage1(config, data, meta, out, device, log, resume) -> bool:
     return _fit(1, net, config, data, checkpoint, log, device, resume, save_best) > 0
 
 
-def _train_fold(config, data, fold: int, regions, out: Path, device, resume) -> torch.nn.Module | None:
-    """Train the stage-1 model of one fold on the training patches that read nothing of ``regions`` (their
-    context included); returns it with its best validated weights, in eval mode, or None if no training
-    patch is left. Its log, checkpoint and weights live in the cache folder (``fold<f>_log.csv``,
-    ``fold<f>_checkpoint.pt``, ``fold<f>.pt``)."""
+def _fold_index(config: TrainConfig, data: TrainingData, regions) -> PatchIndex:
+    """The training patches that read nothing of ``regions``, their context included."""
     meunet = config.model.stage1 == "meunet"
     margin = tuple(
         (c - p) // 2 if meunet else 0 for c, p in zip(config.patch.context, config.patch.size, strict=True)
     )
-    index = without_regions(data.index, regions, config.patch.size, margin)
-    if len(index) == 0:
-        return None
+    return without_regions(data.index, regions, config.patch.size, margin)
+
+
+def _train_fold(config, data, fold: int, index: PatchIndex, out: Path, device, resume) -> torch.nn.Module:
+    """Train the stage-1 model of one fold on ``index`` (:func:`_fold_index`); returns it with its best
+    validated weights, in eval mode. Its log, checkpoint and weights live in the cache folder
+    (``fold<f>_log.csv``, ``fold<f>_checkpoint.pt``, ``fold<f>.pt``)."""
     fold_config = config.model_copy(update={"seed": config.seed + 1 + fold})
     net = _stage1_net(fold_config, len(data.split.classes), device, fold_config.seed)
     weights = out / f"fold{fold}.pt"
@@ -222,18 +223,18 @@ def _out_of_fold_caches(config, data, cascade, engine, paths: list[Path], out: P
     started = time.perf_counter()
     shapes = [tuple(open_array(p.image).shape) for p in data.split.train]
     folds = fold_regions(shapes, config.stage2.folds)
+    indices = [_fold_index(config, data, regions) for regions in folds]
+    if not all(len(index) for index in indices):
+        print(
+            "meunet train: stage2.out_of_fold: a fold leaves no training patch outside the region it holds "
+            f"out (training volumes too small for {len(folds)} folds of {list(config.patch.size)} patches); "
+            "stage 2 trains on the final stage 1's output of its training volumes instead",
+            file=sys.stderr,
+        )
+        return None
     nets = []
-    for fold, regions in enumerate(folds):
-        nets.append(_train_fold(config, data, fold, regions, out / CACHE_DIR, device, resume))
-        if nets[-1] is None:
-            print(
-                f"meunet train: stage2.out_of_fold: fold {fold + 1}/{len(folds)} leaves no training patch "
-                "outside the region it holds out (training volumes too small for "
-                f"{len(folds)} folds of {list(config.patch.size)} patches); stage 2 trains on the final "
-                "stage 1's output of its training volumes instead",
-                file=sys.stderr,
-            )
-            return None
+    for fold, index in enumerate(indices):
+        nets.append(_train_fold(config, data, fold, index, out / CACHE_DIR, device, resume))
         print(
             f"meunet train: out-of-fold stage 1, fold {fold + 1}/{len(folds)} trained "
             f"({time.perf_counter() - started:.0f} s so far)",
