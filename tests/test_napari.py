@@ -166,3 +166,23 @@ def test_manifest_validates():
     npe2 = Path(sys.executable).with_name("npe2")
     run = subprocess.run([npe2, "validate", "meunet"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "valid" in run.stdout, run.stdout + run.stderr
+
+
+def test_segment_applies_the_post_processing_rules_as_predict_does(tmp_path, cascade):
+    import shutil
+
+    from meunet.napari._segment import segment
+
+    image_path = _image(tmp_path / "image.nii.gz")
+    raw, _ = segment(cascade, read_volume(image_path).array)
+    present = next(c for c in (1, 2) if (raw == c).any())
+    model = tmp_path / "model"
+    shutil.copytree(cascade, model)
+    meta = json.loads((model / "model.json").read_text())
+    meta["postprocessing"] = {str(present): {"largest_component": True}}
+    (model / "model.json").write_text(json.dumps(meta))
+    predict(model, image_path, tmp_path / "expected.nii.gz", progress=False)
+    labels, _ = segment(model, read_volume(image_path).array)
+    np.testing.assert_array_equal(labels, read_volume(tmp_path / "expected.nii.gz").array)
+    assert not np.array_equal(labels, raw)  # the rule removed something
+    np.testing.assert_array_equal(segment(model, read_volume(image_path).array, postprocess=False)[0], raw)

@@ -13,6 +13,7 @@ import numpy as np
 from meunet.data.normalization import Normalization
 from meunet.errors import InputError
 from meunet.infer import Input, SlidingWindow, WindowCounts
+from meunet.infer.postprocess import apply_rules
 from meunet.infer.predict import _skip_settings, _stage1_input
 from meunet.models import load_model_dir
 
@@ -42,6 +43,7 @@ def segment(
     device: str = "cpu",
     precision: str = "auto",
     skip_empty: bool = False,
+    postprocess: bool = True,
     on_window: Callable[[int, int], None] = lambda done, total: None,
 ) -> tuple[np.ndarray, list[str]]:
     """Labels of a (Z, Y, X) array (numpy, or lazy slicing to numpy), equal to ``meunet predict``'s.
@@ -51,6 +53,8 @@ def segment(
         array: the raw scan.
         overlap, device, precision: see :class:`meunet.infer.SlidingWindow`.
         skip_empty: skip all-air windows, with the default air threshold (see :func:`meunet.infer.predict`).
+        postprocess: apply ``model.json``'s post-processing rules (:mod:`meunet.infer.postprocess`), as
+            ``meunet predict`` does.
         on_window: called with (windows visited, total) as each window is visited, from the calling
             thread; an exception it raises stops the prediction.
 
@@ -79,4 +83,7 @@ def segment(
             stage1 = Path(scratch) / "stage1.zarr"
             inputs.append(_stage1_input(bundle.stage2, image, stage1, engine, 0, counts, False, skip))
         labels = engine.labels(bundle.net, inputs, n_classes, counts=counts, **skip)
+    rules = bundle.meta.get("postprocessing") or {}
+    if postprocess and rules:
+        labels = apply_rules(labels, rules)
     return labels, list(bundle.classes)

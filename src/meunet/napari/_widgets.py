@@ -62,7 +62,7 @@ class SegmentWidget(Container):
         self.precision = ComboBox(label="precision", choices=PRECISIONS, value="auto")
         self.overlap = FloatSpinBox(label="overlap", value=0.5, min=0.0, max=0.9, step=0.05)
         self.skip_empty = CheckBox(text="skip empty (all-air) windows", value=False)
-        # Post-processing: a checkbox goes here once meunet.infer.predict has a `postprocess` argument.
+        self.postprocess = CheckBox(text="post-processing chosen in training", value=True)
         self.save_to = FileEdit(label="save to", mode="w", nullable=True, value=None)
         self.run = PushButton(text="Segment")
         self.cancel = PushButton(text="Cancel", enabled=False)
@@ -70,7 +70,7 @@ class SegmentWidget(Container):
         self.status = Label(value="")
         self.extend([
             self.model_dir, self.image, self.device, self.precision, self.overlap, self.skip_empty,
-            self.save_to, self.run, self.cancel, self.progress, self.status,
+            self.postprocess, self.save_to, self.run, self.cancel, self.progress, self.status,
         ])  # fmt: skip
         self.run.changed.connect(self.start)
         self.cancel.changed.connect(self._cancel_requested)
@@ -90,7 +90,7 @@ class SegmentWidget(Container):
         self._done = (0, 1)
         settings = {
             "overlap": self.overlap.value, "device": self.device.value, "precision": self.precision.value,
-            "skip_empty": self.skip_empty.value,
+            "skip_empty": self.skip_empty.value, "postprocess": self.postprocess.value,
         }  # fmt: skip
         self.worker = create_worker(
             self._work, Path(self.model_dir.value), layer, settings, self.save_to.value, _start_thread=False,
