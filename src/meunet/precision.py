@@ -1,9 +1,8 @@
 """Numeric precision of forward passes: ``fp32``, ``bf16`` or ``fp16`` autocast, and ``auto``.
 
 ``auto`` is bf16 autocast where the hardware computes it natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs
-that support bf16) and fp32 elsewhere. On this project's AMD EPYC (avx512_bf16) bf16 autocast ran the
-default network's forward pass 2.1x faster than fp32 and a training step of the demo's network 1.6x faster
-(docs/inference.md, docs/training.md).
+that support bf16) and fp32 elsewhere. On this project's AMD EPYC (avx512_bf16), the demo model's
+prediction took 2.2 s in bf16 against 9.5 s in fp32 with 99.998 % of labels equal (docs/inference.md).
 
 >>> autocast_dtype("fp32") is None
 True

@@ -127,7 +127,7 @@ def postprocess_slabs(labels, rules: Rules, depth: int | None = None) -> Iterato
         depth: slices per slab (default: about 16 M voxels).
     """
     depth = depth or _slab_depth(labels.shape)
-    keep: dict[int, tuple[list[int], np.ndarray, _Joined]] = {}
+    keep: dict[int, tuple[list[int], np.ndarray]] = {}
     for key, rule in rules.items():
         c, joined, offsets = int(key), _Joined(), []
         last = None
@@ -143,11 +143,11 @@ def postprocess_slabs(labels, rules: Rules, depth: int | None = None) -> Iterato
         sizes = np.zeros(len(roots), dtype=np.int64)
         np.add.at(sizes, roots, joined.voxels)
         sizes[0] = 0
-        keep[c] = (offsets, _kept(sizes, rule)[roots], joined)
+        keep[c] = (offsets, _kept(sizes, rule)[roots])
     for k, (z0, slab) in enumerate(iter_slabs(labels, depth)):
         out = np.array(slab, copy=True)
-        for c, (offsets, kept, _) in keep.items():
-            components, _ = _slab_components(out, c)
+        for c, (offsets, kept) in keep.items():
+            components, _ = _slab_components(np.asarray(slab), c)  # the labels of pass 1
             glob = np.where(components > 0, components + offsets[k], 0)
             out[(components > 0) & ~kept[glob]] = 0
         yield z0, out
