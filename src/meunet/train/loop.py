@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from meunet.data.augment import (
@@ -170,6 +171,53 @@ def stage2_losses(net: nn.Module, batch: Batch, weights: torch.Tensor) -> dict[s
     return {"loss": loss, "local_loss": loss}
 
 
+RECALIBRATION_SAMPLES = 64
+
+
+def recalibrate_batch_norm(
+    stage: Stage,
+    config: TrainConfig,
+    device: torch.device,
+    augment: Callable[[Batch, torch.Generator], Batch],
+    position: int,
+    samples: int = RECALIBRATION_SAMPLES,
+) -> None:
+    """Precise BatchNorm statistics for the current weights (Wu and Johnson, "Rethinking 'Batch' in
+    BatchNorm", 2021): the running mean and variance of every trained BatchNorm layer of ``stage.net`` become
+    the average over ``samples`` training samples, rounded up to whole batches (those from ``position`` on,
+    augmented with a generator seeded by the seed, stage and position), instead of the moving average of
+    batches seen with older weights. With 32^3 patches at batch 2 to 4 that moving average lags enough to
+    collapse evaluation-mode predictions; this makes evaluation match the weights being validated.
+
+    Layers of frozen parts (stage 1 inside a stage-2 cascade) are left alone; a network without BatchNorm is
+    untouched and no training random state is consumed, so resumption stays exact.
+    """
+    norms = [
+        m
+        for m in stage.net.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight.requires_grad
+    ]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    generator = torch.Generator().manual_seed(
+        int(np.random.SeedSequence([config.seed, stage.number, position]).generate_state(1)[0])
+    )
+    stage.net.train()
+    batch_size = config.training.batch_size
+    precision = resolve_precision(config.precision, device)
+    dtype = autocast_dtype(precision)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for start in range(position, position + samples, batch_size):
+            batch = default_collate([stage.dataset[i] for i in range(start, start + batch_size)])
+            stage.losses(stage.net, augment({k: v.to(device) for k, v in batch.items()}, generator))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+
+
 def iteration_limit(config: TrainConfig, kept_patches: int) -> int:
     """Iterations allowed: ``max_iterations``, or ``max_epochs`` passes over the kept patches if fewer."""
     training = config.training
@@ -188,10 +236,11 @@ def fit_stage(
 ) -> int:
     """Train one stage until its iteration limit or early stop, validating and checkpointing as it goes.
 
-    Every ``validate_every`` iterations (default: once per epoch) and at the last iteration, the stage is
-    validated, a row is logged, the model directory is written if the mean foreground Dice improved, and the
-    checkpoint (weights, optimiser, loss scaler, all random states, progress and sampler position) is written
-    to ``checkpoint`` (temporary name, then rename).
+    Every ``validate_every`` iterations (default: once per epoch) and at the last iteration, the stage's
+    BatchNorm statistics are recalibrated (:func:`recalibrate_batch_norm`), the stage is validated, a row is
+    logged, the model directory is written if the mean foreground Dice improved, and the checkpoint (weights,
+    optimiser, loss scaler, all random states, progress and sampler position) is written to ``checkpoint``
+    (temporary name, then rename).
 
     Args:
         stage: the stage's network, data and callbacks.
@@ -274,6 +323,10 @@ def fit_stage(
         if progress.iteration % every and progress.iteration < total:
             continue
         speed = steps / (time.perf_counter() - interval)
+        # at most as many samples as trained since the last validation: a third of the interval's compute
+        recalibrate_batch_norm(
+            stage, config, device, augment, progress.position, min(RECALIBRATION_SAMPLES, steps * batch_size)
+        )
         dice = stage.validate()
         stage.net.train()
         foreground = dice[1:][np.isfinite(dice[1:])]
