@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -60,8 +61,9 @@ VALIDATIONS = 5
 BUDGET_USE = 0.97
 """Fraction of the time budget a plan fills (the rest absorbs the error of the estimates)."""
 LOOP_OVERHEAD = 1.3
-"""Real training step / calibrated step (patch reads, augmentation, the optimiser's bookkeeping): stage 1 of
-the CPU recipe ran at 0.59 s/it in the training loop (docs/training.md) against about 0.45 s timed alone."""
+"""Real training step / calibrated step (patch reads, augmentation, logging): with the CPU recipe on the
+synthetic flies, 4.33 s/it in the training loop against 3.3 to 3.8 s timed alone by :func:`calibrate` just
+before and after (2-core machine at load average 7), a ratio of 1.13 to 1.3."""
 REFERENCE = {"cuda": 0.79 / 3453 / 2**20, "cpu": 0.59 / 98.8 / 2**20}
 """Seconds per activation byte of a stage-1 step where the device is absent and nothing can be timed:
 H100, 160/240 batch 4 bf16 checkpointed, 1.26 it/s for 3,453 MiB; the 2-core CPU, the narrow recipe, one
@@ -237,19 +239,24 @@ def _training_step(stage: int, spec: Spec, device: str):
     return net.to(device, dtype).train(), loss
 
 
+@cache
+def _counted(stage: int, spec: Spec) -> tuple[int, int, int]:
+    """(activation bytes, trainable parameters, all parameters) of a training step, counted on ``meta``."""
+    net, loss = _training_step(stage, spec, "meta")
+    activations = count_saved_bytes(loss, exclude=[*net.parameters(), *net.buffers()])[1]
+    trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
+    return activations, trainable, sum(q.numel() for q in net.parameters())
+
+
 def peak_bytes(stage: int, spec: Spec) -> int:
     """Estimated peak memory of one training step of stage ``stage``: activation bytes counted exactly on
     ``meta``, plus the recomputed top segment, weights, gradients, Adam's moments and the inputs."""
-    net, loss = _training_step(stage, spec, "meta")
-    trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
-    state = [*net.parameters(), *net.buffers()]
-    activations = count_saved_bytes(loss, exclude=state)[1]
+    activations, trainable, params = _counted(stage, spec)
     element = 4 if spec.precision == "fp32" else 2
     top = spec.batch * spec.patch**3 * spec.widths[0] * element
     inputs = spec.batch * 4 * (spec.patch**3 * (2 + spec.n_classes) + (spec.context**3 if stage == 1 else 0))
     transient = RECOMPUTE_TENSORS if spec.checkpointing else PLAIN_TENSORS
-    weights = 16 * trainable + 4 * sum(q.numel() for q in net.parameters())
-    return activations + transient * top + weights + inputs
+    return activations + transient * top + 16 * trainable + 4 * params + inputs
 
 
 @dataclass(frozen=True)
@@ -306,13 +313,7 @@ def _sync(kind: str) -> None:
 def reference_timing(spec: Spec, kind: str) -> Timing:
     """Durations where nothing can be timed: :data:`REFERENCE` seconds per activation byte of each stage's
     step; a window's forward pass as a third of a step's per voxel."""
-    steps = []
-    for stage in (1, 2):
-        net, loss = _training_step(stage, spec, "meta")
-        steps.append(
-            count_saved_bytes(loss, exclude=[*net.parameters(), *net.buffers()])[1]
-            * REFERENCE.get(kind, REFERENCE["cpu"])
-        )
+    steps = [_counted(stage, spec)[0] * REFERENCE.get(kind, REFERENCE["cpu"]) for stage in (1, 2)]
     per_voxel = steps[0] / (3 * spec.batch * (spec.patch**3 + spec.context**3))
     window = per_voxel * spec.context**3
     return Timing(step=(steps[0], steps[1]), window=(window, window), measured=False)
@@ -405,37 +406,46 @@ def choose_sizes(data: Fingerprint, device: DeviceInfo, fixed: dict[str, Any]) -
     sides = [s for s in (GPU_SIDES if gpu else (CPU_SIDE,)) if s <= largest] or [min(GPU_SIDES)]
     if "patch.size" in fixed:
         sides = [fixed["patch.size"]]
-    batches = [fixed["training.batch_size"]] if "training.batch_size" in fixed else [BATCH, 2, 1]
+    norm = fixed.get("model.norm", "instance")
+    batches = [BATCH, 2] + ([1] if norm == "instance" else [])  # batch norm needs two values per channel
+    batches = [fixed["training.batch_size"]] if "training.batch_size" in fixed else batches
     budget = MEMORY_FRACTION * device.memory_bytes
     base = dict(
         widths=tuple(widths),
-        norm=fixed.get("model.norm", "instance"),
+        norm=norm,
         checkpointing=checkpointing,
         context_scale=fixed.get("patch.context_scale", 1.5),
         precision=precision,
         n_classes=len(data.class_fractions),
         fusion=fixed.get("model.fusion", "post"),
     )
-    smallest = None
-    for batch in batches:
-        for side in sides:
-            spec = Spec(patch=side, batch=batch, **base)
-            peaks = {"stage 1": peak_bytes(1, spec), "stage 2": peak_bytes(2, spec)}
-            smallest = (spec, peaks)
-            if max(peaks.values()) <= budget:
-                break
-        else:
-            continue
-        break
-    else:
-        spec, peaks = smallest
-        need = max(peaks.values()) / MEMORY_FRACTION / 2**30
+
+    def peaks_of(side: int, batch: int) -> dict[str, int]:
+        spec = Spec(patch=side, batch=batch, **base)
+        return {"stage 1": peak_bytes(1, spec), "stage 2": peak_bytes(2, spec)}
+
+    least = peaks_of(sides[-1], batches[-1])
+    if max(least.values()) > budget:
+        need = max(least.values()) / MEMORY_FRACTION / 2**30
         raise InputError(
             "memory",
             f"{device.memory_bytes / 2**30:.2f} GiB is too small for any network: the smallest plan (local "
-            f"{spec.patch}, batch {spec.batch}, widths {list(spec.widths)}, {spec.precision}) "
-            f"needs {need:.2f} GiB",
+            f"{sides[-1]}, batch {batches[-1]}, widths {list(widths)}, {precision}) needs {need:.2f} GiB",
         )
+    for (
+        batch
+    ) in batches:  # the largest side that fits (peaks grow with it), at the largest batch that has one
+        low, high = 0, len(sides)  # sides[high:] fit, sides[:low] do not
+        while low < high:
+            middle = (low + high) // 2
+            if max(peaks_of(sides[middle], batch).values()) <= budget:
+                high = middle
+            else:
+                low = middle + 1
+        if low < len(sides):
+            break
+    spec = Spec(patch=sides[low], batch=batch, **base)
+    peaks = peaks_of(spec.patch, batch)
     share = f"{max(peaks.values()) / 2**30:.2f} GiB of the {budget / 2**30:.1f} GiB allowed"
     objects = max((o["max"] for o in data.object_sides.values()), default=0)
     seen = f"; the largest object spans about {objects:.0f} voxels" if objects else ""
@@ -567,10 +577,9 @@ def plan_run(
         speed = f"{t1:.2f} s (stage 1) and {t2:.2f} s (stage 2) per step timed here"
         speed = speed if timing.measured else "the reference speed (device not here to time)"
         keys_set(keys, fixed, "training.max_iterations", iterations, f"fills {_duration(budget)} at {speed}")
-        every = keys_set(
-            keys, fixed, "training.validate_every", math.ceil(iterations / count),
-            f"{count} validations per stage ({_duration(max(costs.validation.values()))} each)",
-        )  # fmt: skip
+        each = _duration(max(costs.validation.values()))
+        why = f"{count} validation{'s' * (count > 1)} per stage ({each} each)"
+        every = keys_set(keys, fixed, "training.validate_every", math.ceil(iterations / count), why)
     phases: dict[str, dict[str, Any]] = {}
     for name, step in costs.step.items():
         if name == "stage 2":
