@@ -183,7 +183,7 @@ def test_a_stage_past_its_deadline_validates_and_stops(config_file, tmp_path, mo
     import meunet.train.pipeline as pipeline
 
     fit = pipeline.fit_stage
-    monkeypatch.setattr(pipeline, "fit_stage", lambda *a: fit(*a[:7], time.monotonic()))
+    monkeypatch.setattr(pipeline, "fit_stage", lambda *a: fit(*a[:7], time.monotonic(), 0.0))
     values = yaml.safe_load(config_file.read_text())
     values["output"] = str(tmp_path / "model")
     values["training"].update(max_iterations=50, validate_every=25)

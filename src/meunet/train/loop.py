@@ -186,6 +186,7 @@ def fit_stage(
     augment: Callable[[Batch, torch.Generator], Batch],
     resume: bool,
     deadline: float | None = None,
+    validation_seconds: float = 0.0,
 ) -> int:
     """Train one stage until its iteration limit, early stop or deadline, validating and checkpointing as it
     goes.
@@ -205,6 +206,7 @@ def fit_stage(
         resume: continue from ``checkpoint`` if it exists; otherwise start afresh (and delete it).
         deadline: ``time.monotonic()`` by which the stage must have ended: it validates and stops at the
             step after which one more step and one more validation (as long as the last) would pass it.
+        validation_seconds: how long a validation is expected to take until one has been timed.
 
     Returns:
         The number of optimiser steps taken in this call (0 when the stage had already finished).
@@ -248,7 +250,6 @@ def fit_stage(
     steps = 0
     started = time.perf_counter() - progress.seconds
     interval = time.perf_counter()
-    validation_seconds = 0.0
     stage.net.train()
     bar = tqdm(
         total=total, initial=progress.iteration, desc=f"stage {stage.number}", disable=not training.progress

@@ -142,9 +142,9 @@ def _fit(
     """Train stage ``number`` (``caches``: stage-1 probability Zarr paths per split, stage 2 only; ``index``:
     the patches to train on, default all of ``data.index``; ``clock``: ``(Deadline, phase name)`` of a
     time-budgeted run); returns the number of steps taken."""
-    deadline = None
+    deadline, validation = None, 0.0
     if clock is not None:
-        config, deadline = clock[0].start(clock[1], config)
+        config, deadline, validation = clock[0].start(clock[1], config)
     n_classes, norm = len(data.split.classes), data.normalization
     index = data.index if index is None else index
     meunet_stage1 = caches is None and isinstance(net, MeUNet)
@@ -175,7 +175,8 @@ def _fit(
     kind = stage1_losses if meunet_stage1 else local_losses if caches is None else stage2_losses
     losses = partial(kind, weights=weights)
     stage = Stage(number, net, dataset, losses, validate, save_best)
-    return fit_stage(stage, config, checkpoint, log, device, _augment(config, data), resume, deadline)
+    augment = _augment(config, data)
+    return fit_stage(stage, config, checkpoint, log, device, augment, resume, deadline, validation)
 
 
 def _stage1_net(config: TrainConfig, n_classes: int, device: torch.device, seed: int) -> torch.nn.Module:
@@ -431,7 +432,10 @@ def _train(config: TrainConfig, resume: bool, force: bool, started: float) -> Pa
     stage1_changed = 1 in stages and _train_stage1(config, data, meta, out, device, log, resume, phase)
     if 2 in stages:
         _train_stage2(config, data, meta, out, device, log, resume and not stage1_changed, clock)
-    _choose_postprocessing(config, data, out, device)
+    if clock is None or clock.affords("post-processing"):
+        _choose_postprocessing(config, data, out, device)
+    else:
+        print("meunet train: time budget spent: no post-processing chosen (none is applied)", file=sys.stderr)
     log.plot(out / "curves.png")
     return out
 

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import yaml
 
-from meunet.bench import count_saved_bytes
 from meunet.data.patches import scan_image
 from meunet.errors import InputError
 from meunet.infer import SlidingWindow
@@ -36,6 +35,7 @@ from meunet.io import iter_slabs, open_volume
 from meunet.models import PAPER_WIDTHS, Cascade, MeUNet, UNet3D
 from meunet.precision import autocast_dtype, cpu_has_bf16
 from meunet.train.config import TrainConfig
+from meunet.train.data import check_pair
 from meunet.train.loss import wd_loss
 
 Shape3 = tuple[int, int, int]
@@ -101,12 +101,14 @@ class Fingerprint:
 
 
 def fingerprint(train: list, validation: list, classes: list[str]) -> Fingerprint:
-    """Read every volume once, slab by slab (``train``/``validation``: pairs with ``image``/``label``)."""
-    shapes = [tuple(open_volume(p.image).array.shape) for p in validation]
+    """Read every training volume once, slab by slab (``train``, ``validation``: pairs with ``image`` and
+    ``label``; a label whose shape differs from its image's, or non-finite intensities: InputError)."""
+    shapes = [tuple(check_pair(p)[0].array.shape) for p in validation]
     counts = np.zeros(len(classes), dtype=np.int64)
     samples, sides = [], {name: [] for name in classes[1:]}
     for pair in train:
-        image, labels = open_volume(pair.image), open_volume(pair.label).array
+        image, label = check_pair(pair)
+        labels = label.array
         samples.append(scan_image(image.array, pair.image, 2_000_000 // len(train) + 1))
         for _, slab in iter_slabs(labels):
             counts += np.bincount(slab.ravel(), minlength=len(classes))[: len(classes)]
@@ -242,6 +244,8 @@ def _training_step(stage: int, spec: Spec, device: str):
 @cache
 def _counted(stage: int, spec: Spec) -> tuple[int, int, int]:
     """(activation bytes, trainable parameters, all parameters) of a training step, counted on ``meta``."""
+    from meunet.bench import count_saved_bytes  # here: meunet.bench imports meunet.train
+
     net, loss = _training_step(stage, spec, "meta")
     activations = count_saved_bytes(loss, exclude=[*net.parameters(), *net.buffers()])[1]
     trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
@@ -592,6 +596,7 @@ def plan_run(
             "seconds": None
             if iterations is None
             else iterations * step + validations * costs.validation[name],
+            "validation_seconds": costs.validation[name],
         }
     phases["post-processing"] = {"seconds": costs.post}
     seconds = None if budget is None else spent + sum(p["seconds"] for p in phases.values())
@@ -719,16 +724,17 @@ class Deadline:
     def __init__(self, end: float, plan: Plan) -> None:
         self.end = end
         self.left = {name: phase["seconds"] for name, phase in plan.stages.items()}
+        self.validation = {name: phase.get("validation_seconds", 0.0) for name, phase in plan.stages.items()}
         self.scale_iterations = "training.max_iterations" in plan.planned
         self.began: float | None = None
         self.done = 0.0
 
-    def start(self, name: str, config: TrainConfig) -> tuple[TrainConfig, float]:
-        """``(config, deadline)`` of phase ``name``: its iterations scaled (where planned), and the
-        ``time.monotonic()`` by which it must end."""
+    def start(self, name: str, config: TrainConfig) -> tuple[TrainConfig, float, float]:
+        """``(config, deadline, validation)`` of phase ``name``: its iterations scaled (where planned), the
+        ``time.monotonic()`` by which it must end, and how long a validation is expected to take."""
         now = time.monotonic()
         self.began = now if self.began is None else self.began
-        slowness = (now - self.began) / self.done if self.done else 1.0
+        slowness = self._slowness(now)
         names = list(self.left)
         for skipped in names[: names.index(name)] if name in names else names:
             self.done += self.left.pop(skipped)
@@ -741,4 +747,13 @@ class Deadline:
             every = math.ceil(steps / VALIDATIONS)
             training = t.model_copy(update={"max_iterations": steps, "validate_every": every})
             config = config.model_copy(update={"training": training})
-        return config, now + allowed
+        return config, now + allowed, self.validation.get(name, 0.0) * slowness
+
+    def affords(self, name: str) -> bool:
+        """Whether phase ``name`` (not yet started) fits before the end at the speed the run has had."""
+        now = time.monotonic()
+        return now + self.left.get(name, 0.0) * self._slowness(now) <= self.end
+
+    def _slowness(self, now: float) -> float:
+        """Time taken since the first phase started / the planned time of the phases started so far."""
+        return (now - self.began) / self.done if self.began is not None and self.done else 1.0
