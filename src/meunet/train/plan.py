@@ -436,9 +436,8 @@ def choose_sizes(data: Fingerprint, device: DeviceInfo, fixed: dict[str, Any]) -
             f"{device.memory_bytes / 2**30:.2f} GiB is too small for any network: the smallest plan (local "
             f"{sides[-1]}, batch {batches[-1]}, widths {list(widths)}, {precision}) needs {need:.2f} GiB",
         )
-    for (
-        batch
-    ) in batches:  # the largest side that fits (peaks grow with it), at the largest batch that has one
+    # the largest side that fits (peaks grow with it), at the largest batch at which one does
+    for batch in batches:
         low, high = 0, len(sides)  # sides[high:] fit, sides[:low] do not
         while low < high:
             middle = (low + high) // 2
@@ -463,7 +462,7 @@ def choose_sizes(data: Fingerprint, device: DeviceInfo, fixed: dict[str, Any]) -
         fixed,
         "training.batch_size",
         spec.batch,
-        "the paper's batch" if spec.batch == BATCH else "the largest batch that fits with the smallest patch",
+        "the paper's batch" if spec.batch == BATCH else f"no patch fits at batch {BATCH}",
     )
     return keys, spec, peaks
 
@@ -718,7 +717,8 @@ class Deadline:
     A phase (``stage 1``, ``fold F``, ``stage 2``: names of :attr:`Plan.stages`) gets the time left times its
     planned share of the phases still to come (phases skipped over count as done), so a phase that ran long is
     made up by the later ones. Where the plan chose the iterations, a phase's are scaled by its time over its
-    planned time and by how much slower than planned the run has been since its first phase started.
+    planned time and by how much slower than planned the run has been since its first phase started (and the
+    step between validations with them, where planned).
     """
 
     def __init__(self, end: float, plan: Plan) -> None:
@@ -726,6 +726,7 @@ class Deadline:
         self.left = {name: phase["seconds"] for name, phase in plan.stages.items()}
         self.validation = {name: phase.get("validation_seconds", 0.0) for name, phase in plan.stages.items()}
         self.scale_iterations = "training.max_iterations" in plan.planned
+        self.scale_every = "training.validate_every" in plan.planned
         self.began: float | None = None
         self.done = 0.0
 
@@ -744,7 +745,9 @@ class Deadline:
         if self.scale_iterations and share > 0:
             t = config.training
             steps = max(1, int(t.max_iterations * allowed / (share * slowness)))
-            every = math.ceil(steps / VALIDATIONS)
+            every = t.validate_every  # the planned count of validations is kept, a value the user set too
+            if self.scale_every:
+                every = math.ceil(steps / math.ceil(t.max_iterations / t.validate_every))
             training = t.model_copy(update={"max_iterations": steps, "validate_every": every})
             config = config.model_copy(update={"training": training})
         return config, now + allowed, self.validation.get(name, 0.0) * slowness
