@@ -383,7 +383,7 @@ def _plan(
     config: TrainConfig, split, device: torch.device, started: float
 ) -> tuple[TrainConfig, Plan | None]:
     """Plan the keys ``config`` leaves out (:func:`meunet.train.plan.plan_run`), timing the chosen sizes on
-    ``device`` when a time budget is set; prints the plan. Nothing to plan and no budget: no plan."""
+    ``device`` when a time budget is set. Nothing to plan and no budget: no plan."""
     fixed, budget = user_keys(config), config.training.time_budget
     if budget is None and all(key in fixed for key in PLANNED_KEYS):
         return config, None
@@ -393,7 +393,6 @@ def _plan(
     # the data checks that follow read the volumes once more, as the fingerprint did
     spent = time.monotonic() - started + time.monotonic() - begun
     plan = plan_run(data, probe_device(str(device)), fixed, budget, measure, spent)
-    print(format_plan(plan), file=sys.stderr)
     return apply_plan(config, plan), plan
 
 
@@ -409,6 +408,8 @@ def _train(config: TrainConfig, resume: bool, force: bool, started: float) -> Pa
     stages = {"1": [1], "2": [2], "both": [1, 2]}[config.stages]  # the plan may train stage 1 alone
     budget = config.training.time_budget
     data = prepare_data(config, split)
+    if plan is not None:  # after the data checks: a bad volume is one line
+        print(format_plan(plan), file=sys.stderr)
     previous = load_model_dir(out) if stages == [2] else None
     if previous is not None:
         if len(previous.classes) != len(data.split.classes):
