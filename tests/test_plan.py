@@ -148,14 +148,14 @@ def test_plan_for_an_absent_gpu_needs_its_memory(cli, config_file):
 
 def test_plan_writes_a_complete_configuration_with_reasons(cli, config_file):
     out = config_file.parent / "planned.yaml"
-    result = cli("plan", config_file, "--device", "cpu", "--time-budget", "2m", "--out", out)
+    result = cli("plan", config_file, "--device", "cpu", "--time-budget", "1h", "--out", out)
     assert result.exit_code == 0, result.stderr
     assert "training.max_iterations" in result.stdout and "expected whole run" in result.stdout
     text = out.read_text()
-    assert "  max_iterations: " in text and "  # fills 2 min 0 s at" in text
+    assert "  max_iterations: " in text and "  # fills 1 h 0 min at" in text
     assert "  widths: [2, 4, 4, 4, 4]\n" in text  # the user's key: no comment
     planned = load_config(out)
-    assert planned.training.time_budget == 120 and planned.model.widths == [2, 4, 4, 4, 4]
+    assert planned.training.time_budget == 3600 and planned.model.widths == [2, 4, 4, 4, 4]
     out.unlink()
 
 
