@@ -253,16 +253,100 @@ def bench_memory(
             plot_memory(records, tmp)
 
 
+_TIME_BUDGET = typer.Option(
+    None,
+    "--time-budget",
+    help="How long the whole run may take, e.g. 10m, 1h30m, 90s (training.time_budget).",
+)
+
+
+def _budgeted(config: Path, time_budget: str | None):
+    """The configuration of ``config`` with ``--time-budget`` (a duration) as ``training.time_budget``."""
+    from meunet.train import load_config
+    from meunet.train.config import parse_duration
+
+    seconds = None
+    if time_budget is not None:
+        try:
+            seconds = parse_duration(time_budget)
+        except ValueError as exc:
+            raise InputError("--time-budget", str(exc)) from None
+    loaded = load_config(config)
+    if seconds is None:
+        return loaded
+    training = loaded.training.model_copy(update={"time_budget": seconds})
+    return loaded.model_copy(update={"training": training})
+
+
+@app.command("plan")
+def plan_command(
+    config: Path = typer.Argument(..., help="YAML configuration: output, data and classes are enough."),
+    device: str | None = typer.Option(
+        None, "--device", help="auto, cpu, cuda or cuda:N (default: the configuration's)."
+    ),
+    memory_gib: float | None = typer.Option(
+        None,
+        "--memory-gib",
+        help="Memory to plan for (GiB); with --device cuda, a GPU that need not be here.",
+    ),
+    time_budget: str | None = _TIME_BUDGET,
+    out: Path | None = typer.Option(None, "--out", help="Write the planned configuration (YAML) here."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
+) -> None:
+    """Plan a training run from the data, the device and a time budget: print the table, write the YAML."""
+    import time
+
+    if out is not None:
+        check_new_output(out, force)
+    loaded = _budgeted(config, time_budget)
+    from meunet.train.data import resolve_split
+    from meunet.train.plan import (
+        apply_plan,
+        calibrate,
+        fingerprint,
+        format_plan,
+        plan_run,
+        planned_yaml,
+        probe_device,
+        user_keys,
+    )
+
+    target = probe_device(device or loaded.device, memory_gib)
+    split = resolve_split(loaded)
+    started = time.monotonic()
+    data = fingerprint(split.train, split.validation, split.classes)
+    budget = loaded.training.time_budget
+    measure = None
+    if target.present and budget is not None:
+        from functools import partial
+
+        measure = partial(calibrate, device=target.name)
+    # meunet train reads the data twice (the fingerprint, then the checks): that is what it spends outside
+    # training and prediction
+    plan = plan_run(data, target, user_keys(loaded), budget, measure, 2 * (time.monotonic() - started))
+    typer.echo(format_plan(plan))
+    if out is not None:
+        with atomic_output(out) as tmp:
+            tmp.write_text(planned_yaml(apply_plan(loaded, plan), plan))
+        typer.echo(f"wrote {out}")
+
+
 @app.command("train")
 def train_command(
     config: Path = typer.Argument(..., help="YAML configuration (every key: docs/config.md)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in the output."),
     force: bool = typer.Option(False, "--force", help="Start over in an output that holds a run."),
+    time_budget: str | None = _TIME_BUDGET,
 ) -> None:
-    """Train stage 1, stage 2 or both from a YAML configuration into a model directory."""
-    from meunet.train import load_config, train
+    """Train stage 1, stage 2 or both from a YAML configuration into a model directory; keys it leaves out
+    are planned for the data and the device (meunet plan)."""
+    import time
 
-    typer.echo(f"model directory: {train(load_config(config), resume=resume, force=force)}")
+    started = time.monotonic()
+    from meunet.train import train
+
+    model = train(_budgeted(config, time_budget), resume=resume, force=force, started=started)
+    typer.echo(f"model directory: {model}")
 
 
 @app.command("predict")

@@ -118,6 +118,30 @@ def _slab_components(slab: np.ndarray, c: int) -> tuple[np.ndarray, int]:
     return components.astype(np.int64, copy=False), n
 
 
+def joined_components(labels, c: int, depth: int | None = None) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The 26-connected components of class ``c`` in a (Z, Y, X) label array read once, slab by slab.
+
+    Returns:
+        (offsets, roots, sizes): per slab the offset of its component ids (slab id + offset = global id);
+        per global id its joined component's root id; per root id the component's voxel count (0 for ids
+        that are not roots, and for id 0).
+    """
+    joined, offsets, last = _Joined(), [], None
+    for _, slab in iter_slabs(labels, depth or _slab_depth(labels.shape)):
+        components, n = _slab_components(np.asarray(slab), c)
+        offset = joined.add(np.bincount(components.ravel(), minlength=n + 1))
+        offsets.append(offset)
+        glob = np.where(components > 0, components + offset, 0)
+        if last is not None:
+            joined.union(*_border_pairs(last, glob[0]))
+        last = glob[-1]
+    roots = joined.root(np.arange(len(joined.parent)))
+    sizes = np.zeros(len(roots), dtype=np.int64)
+    np.add.at(sizes, roots, joined.voxels)
+    sizes[0] = 0
+    return offsets, roots, sizes
+
+
 def postprocess_slabs(labels, rules: Rules, depth: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """The rules applied to a (Z, Y, X) label array read slab by slab: yields ``(z0, slab)`` in order.
 
@@ -129,21 +153,8 @@ def postprocess_slabs(labels, rules: Rules, depth: int | None = None) -> Iterato
     depth = depth or _slab_depth(labels.shape)
     keep: dict[int, tuple[list[int], np.ndarray]] = {}
     for key, rule in rules.items():
-        c, joined, offsets = int(key), _Joined(), []
-        last = None
-        for _, slab in iter_slabs(labels, depth):
-            components, n = _slab_components(np.asarray(slab), c)
-            offset = joined.add(np.bincount(components.ravel(), minlength=n + 1))
-            offsets.append(offset)
-            glob = np.where(components > 0, components + offset, 0)
-            if last is not None:
-                joined.union(*_border_pairs(last, glob[0]))
-            last = glob[-1]
-        roots = joined.root(np.arange(len(joined.parent)))
-        sizes = np.zeros(len(roots), dtype=np.int64)
-        np.add.at(sizes, roots, joined.voxels)
-        sizes[0] = 0
-        keep[c] = (offsets, _kept(sizes, rule)[roots])
+        offsets, roots, sizes = joined_components(labels, int(key), depth)
+        keep[int(key)] = (offsets, _kept(sizes, rule)[roots])
     for k, (z0, slab) in enumerate(iter_slabs(labels, depth)):
         out = np.array(slab, copy=True)
         for c, (offsets, kept) in keep.items():

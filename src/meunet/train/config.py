@@ -7,6 +7,7 @@ file. A bad key ends in one line naming it (``error: CONFIG.yaml: model.widths: 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,6 +24,28 @@ from pydantic import (
 )
 
 from meunet.errors import InputError
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds of ``"10m"``, ``"1h30m"``, ``"90s"``, ``"1.5h"`` or a number of seconds.
+
+    >>> parse_duration("1h30m"), parse_duration("90s"), parse_duration(20)
+    (5400.0, 90.0, 20.0)
+
+    Raises:
+        ValueError: not a positive duration.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        number = r"(\d+(?:\.\d+)?)"
+        parts = re.fullmatch(rf"\s*(?:{number}h)?\s*(?:{number}m)?\s*(?:{number}s?)?\s*", str(text))
+        if not parts or not any(parts.groups()):
+            raise ValueError(f"not a duration like 10m, 1h30m or 90s: {text!r}")
+        seconds = sum(float(v) * u for v, u in zip(parts.groups(), (3600, 60, 1), strict=True) if v)
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"a duration must be positive, not {text!r}")
+    return seconds
 
 
 def _triple(value: object) -> object:
@@ -138,6 +161,7 @@ class TrainingConfig(_Strict):
     warmup: float = Field(0.02, ge=0, lt=1)
     workers: int = Field(0, ge=0)
     progress: bool = True
+    time_budget: Annotated[float, BeforeValidator(parse_duration)] | None = None
 
 
 class AugmentationConfig(_Strict):

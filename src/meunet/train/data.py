@@ -91,7 +91,8 @@ class TrainingData:
         return [partial(open_array, getattr(p, kind)) for p in getattr(self.split, which)]
 
 
-def _check_pair(pair: VolumePair):
+def check_pair(pair: VolumePair):
+    """Open an image/label pair lazily; the label must have the image's shape (else InputError)."""
     image, label = open_volume(pair.image), open_volume(pair.label)
     if tuple(image.array.shape) != tuple(label.array.shape):
         raise InputError(
@@ -109,8 +110,8 @@ def prepare_data(config: TrainConfig, split: Split) -> TrainingData:
             outside the classes, NaN or infinite intensities, or no training patch kept.
     """
     n_classes, patch = len(split.classes), config.patch
-    train = [_check_pair(p) for p in split.train]
-    validation = [_check_pair(p) for p in split.validation]
+    train = [check_pair(p) for p in split.train]
+    validation = [check_pair(p) for p in split.validation]
     index = build_index(
         [label.array for _, label in train],
         [p.label for p in split.train],

@@ -233,8 +233,11 @@ def fit_stage(
     device: torch.device,
     augment: Callable[[Batch, torch.Generator], Batch],
     resume: bool,
+    deadline: float | None = None,
+    validation_seconds: float = 0.0,
 ) -> int:
-    """Train one stage until its iteration limit or early stop, validating and checkpointing as it goes.
+    """Train one stage until its iteration limit, early stop or deadline, validating and checkpointing as it
+    goes.
 
     Every ``validate_every`` iterations (default: once per epoch) and at the last iteration, the stage's
     BatchNorm statistics are recalibrated (:func:`recalibrate_batch_norm`), the stage is validated, a row is
@@ -250,6 +253,9 @@ def fit_stage(
         device: where to train.
         augment: ``augment(batch, generator)`` applied on the device before each step.
         resume: continue from ``checkpoint`` if it exists; otherwise start afresh (and delete it).
+        deadline: ``time.monotonic()`` by which the stage must have ended: it validates and stops at the
+            step after which one more step and one more validation (as long as the last) would pass it.
+        validation_seconds: how long a validation is expected to take until one has been timed.
 
     Returns:
         The number of optimiser steps taken in this call (0 when the stage had already finished).
@@ -320,14 +326,20 @@ def fit_stage(
         steps += 1
         bar.update()
         bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
-        if progress.iteration % every and progress.iteration < total:
+        now = time.perf_counter()
+        late = (
+            deadline is not None
+            and time.monotonic() + (now - interval) / steps + validation_seconds > deadline
+        )
+        if progress.iteration % every and progress.iteration < total and not late:
             continue
-        speed = steps / (time.perf_counter() - interval)
+        speed = steps / (now - interval)
         # at most as many samples as trained since the last validation: a third of the interval's compute
         recalibrate_batch_norm(
             stage, config, device, augment, progress.position, min(RECALIBRATION_SAMPLES, steps * batch_size)
         )
         dice = stage.validate()
+        validation_seconds = time.perf_counter() - now
         stage.net.train()
         foreground = dice[1:][np.isfinite(dice[1:])]
         score = float(foreground.mean()) if foreground.size else 0.0
@@ -356,7 +368,7 @@ def fit_stage(
         )
         sums, steps, interval = {}, 0, time.perf_counter()
         bar.set_postfix(loss=f"{row['loss']:.4f}", dice=f"{score:.3f}")
-        if progress.stopped_early:
+        if progress.stopped_early or late:
             break
     bar.close()
     return progress.iteration - first

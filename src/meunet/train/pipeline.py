@@ -39,6 +39,19 @@ from meunet.train.inference import (
 from meunet.train.log import TrainLog
 from meunet.train.loop import Stage, augment_batch, fit_stage, local_losses, stage1_losses, stage2_losses
 from meunet.train.loss import class_weights
+from meunet.train.plan import (
+    BUDGET_USE,
+    PLANNED_KEYS,
+    Deadline,
+    Plan,
+    apply_plan,
+    calibrate,
+    fingerprint,
+    format_plan,
+    plan_run,
+    probe_device,
+    user_keys,
+)
 
 STAGE1_FILES = ("model.json", "stage1.pt", "checkpoint_stage1.pt", "train_log.csv")
 STAGE2_FILES = ("stage2.pt", "stage2_rejected.pt", "checkpoint_stage2.pt")
@@ -124,10 +137,14 @@ def _augment(config: TrainConfig, data: TrainingData):
 
 
 def _fit(
-    number, net, config, data, checkpoint, log, device, resume, save_best, caches=None, index=None
+    number, net, config, data, checkpoint, log, device, resume, save_best, caches=None, index=None, clock=None
 ) -> int:
     """Train stage ``number`` (``caches``: stage-1 probability Zarr paths per split, stage 2 only; ``index``:
-    the patches to train on, default all of ``data.index``); returns the number of steps taken."""
+    the patches to train on, default all of ``data.index``; ``clock``: ``(Deadline, phase name)`` of a
+    time-budgeted run); returns the number of steps taken."""
+    deadline, validation = None, 0.0
+    if clock is not None:
+        config, deadline, validation = clock[0].start(clock[1], config)
     n_classes, norm = len(data.split.classes), data.normalization
     index = data.index if index is None else index
     meunet_stage1 = caches is None and isinstance(net, MeUNet)
@@ -158,7 +175,8 @@ def _fit(
     kind = stage1_losses if meunet_stage1 else local_losses if caches is None else stage2_losses
     losses = partial(kind, weights=weights)
     stage = Stage(number, net, dataset, losses, validate, save_best)
-    return fit_stage(stage, config, checkpoint, log, device, _augment(config, data), resume)
+    augment = _augment(config, data)
+    return fit_stage(stage, config, checkpoint, log, device, augment, resume, deadline, validation)
 
 
 def _stage1_net(config: TrainConfig, n_classes: int, device: torch.device, seed: int) -> torch.nn.Module:
@@ -170,13 +188,13 @@ def _stage1_net(config: TrainConfig, n_classes: int, device: torch.device, seed:
     return net.to(device)
 
 
-def _train_stage1(config, data, meta, out, device, log, resume) -> bool:
+def _train_stage1(config, data, meta, out, device, log, resume, clock) -> bool:
     """Train stage 1 (a meU-net, or a plain U-net on local patches); returns whether any step was taken in
     this call."""
     net = _stage1_net(config, len(data.split.classes), device, config.seed)
     save_best = partial(save_model_dir, out, meta, net, None, force=True)
     checkpoint = out / "checkpoint_stage1.pt"
-    return _fit(1, net, config, data, checkpoint, log, device, resume, save_best) > 0
+    return _fit(1, net, config, data, checkpoint, log, device, resume, save_best, clock=clock) > 0
 
 
 def _fold_index(config: TrainConfig, data: TrainingData, regions) -> PatchIndex:
@@ -188,7 +206,9 @@ def _fold_index(config: TrainConfig, data: TrainingData, regions) -> PatchIndex:
     return without_regions(data.index, regions, config.patch.size, margin)
 
 
-def _train_fold(config, data, fold: int, index: PatchIndex, out: Path, device, resume) -> torch.nn.Module:
+def _train_fold(
+    config, data, fold: int, index: PatchIndex, out: Path, device, resume, clock
+) -> torch.nn.Module:
     """Train the stage-1 model of one fold on ``index`` (:func:`_fold_index`); returns it with its best
     validated weights, in eval mode. Its log, checkpoint and weights live in the cache folder
     (``fold<f>_log.csv``, ``fold<f>_checkpoint.pt``, ``fold<f>.pt``)."""
@@ -201,7 +221,8 @@ def _train_fold(config, data, fold: int, index: PatchIndex, out: Path, device, r
 
     log = TrainLog(out / f"fold{fold}_log.csv", data.split.classes)
     checkpoint = out / f"fold{fold}_checkpoint.pt"
-    _fit(1, net, fold_config, data, checkpoint, log, device, resume, save_best, index=index)
+    phase = None if clock is None else (clock, f"fold {fold}")
+    _fit(1, net, fold_config, data, checkpoint, log, device, resume, save_best, index=index, clock=phase)
     net.load_state_dict(load_checkpoint(weights)["net"])
     return net.eval()
 
@@ -211,7 +232,7 @@ def _cache_key(digest: str, pair, engine: SlidingWindow) -> dict:
     return {"stage1": digest, "image": str(pair.image), "window": list(engine.window), "overlap": OVERLAP}
 
 
-def _out_of_fold_caches(config, data, cascade, engine, paths: list[Path], out: Path, device, resume) -> dict:
+def _out_of_fold_caches(config, data, cascade, engine, paths: list[Path], out: Path, device, resume, clock):
     """Write every training volume's stage-1 cache from the fold models that never saw its slices.
 
     Stage 1 is trained ``stage2.folds`` more times (:func:`meunet.data.sampling.fold_regions` says which
@@ -234,7 +255,7 @@ def _out_of_fold_caches(config, data, cascade, engine, paths: list[Path], out: P
         return None
     nets = []
     for fold, index in enumerate(indices):
-        nets.append(_train_fold(config, data, fold, index, out / CACHE_DIR, device, resume))
+        nets.append(_train_fold(config, data, fold, index, out / CACHE_DIR, device, resume, clock))
         print(
             f"meunet train: out-of-fold stage 1, fold {fold + 1}/{len(folds)} trained "
             f"({time.perf_counter() - started:.0f} s so far)",
@@ -272,7 +293,7 @@ def _out_of_fold_caches(config, data, cascade, engine, paths: list[Path], out: P
     return {"folds": len(folds), "regions": folds, "seconds": round(seconds, 1)}
 
 
-def _train_stage2(config, data, meta, out, device, log, resume) -> None:
+def _train_stage2(config, data, meta, out, device, log, resume, clock) -> None:
     """Cache stage-1 probabilities of every volume (out of fold for the training volumes unless
     ``stage2.out_of_fold`` is false; reused when still valid), then train stage 2."""
     stage1 = load_model_dir(out, device).stage1
@@ -290,7 +311,7 @@ def _train_stage2(config, data, meta, out, device, log, resume) -> None:
     (out / CACHE_DIR).mkdir(exist_ok=True)
     record = None
     if config.stage2.out_of_fold:
-        record = _out_of_fold_caches(config, data, net, engine, caches["train"], out, device, resume)
+        record = _out_of_fold_caches(config, data, net, engine, caches["train"], out, device, resume, clock)
         net.stage1 = stage1
         meta = meta if record is None else {**meta, "out_of_fold": record}
     for which, paths in caches.items():
@@ -301,7 +322,8 @@ def _train_stage2(config, data, meta, out, device, log, resume) -> None:
             cache_stage1_output(net, open_array(pair.image), data.normalization, engine, path, key)
     save_best = partial(save_model_dir, out, meta, stage1, net, force=True)
     checkpoint = out / "checkpoint_stage2.pt"
-    _fit(2, net, config, data, checkpoint, log, device, resume, save_best, caches)
+    phase = None if clock is None else (clock, "stage 2")
+    _fit(2, net, config, data, checkpoint, log, device, resume, save_best, caches, clock=phase)
     if config.stage2.keep_if_better:
         _keep_the_better_stage(out, meta, stage1)
 
@@ -326,7 +348,9 @@ def _keep_the_better_stage(out: Path, meta: dict, stage1: torch.nn.Module) -> No
     )
 
 
-def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Path:
+def train(
+    config: TrainConfig, resume: bool = False, force: bool = False, started: float | None = None
+) -> Path:
     """Train the stages ``config.stages`` into the model directory ``config.output``.
 
     All volumes are checked before anything is written. Stage 1 (meU-net) trains on local and context
@@ -340,6 +364,8 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Pat
         resume: continue from the checkpoints in ``config.output``. A stage 2 whose stage 1 was trained
             further in this call starts afresh.
         force: start over in an existing model directory, deleting its training files (only those).
+        started: ``time.monotonic()`` when the command began (default: now), from which
+            ``training.time_budget`` counts.
 
     Returns:
         The model directory.
@@ -348,18 +374,42 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Pat
         InputError: a bad device, output state, data set or volume (one line naming the problem), or another
             run training into the same output.
     """
+    started = time.monotonic() if started is None else started
     with output_lock(config.output):
-        return _train(config, resume, force)
+        return _train(config, resume, force, started)
 
 
-def _train(config: TrainConfig, resume: bool, force: bool) -> Path:
+def _plan(
+    config: TrainConfig, split, device: torch.device, started: float
+) -> tuple[TrainConfig, Plan | None]:
+    """Plan the keys ``config`` leaves out (:func:`meunet.train.plan.plan_run`), timing the chosen sizes on
+    ``device`` when a time budget is set. Nothing to plan and no budget: no plan."""
+    fixed, budget = user_keys(config), config.training.time_budget
+    if budget is None and all(key in fixed for key in PLANNED_KEYS):
+        return config, None
+    begun = time.monotonic()
+    data = fingerprint(split.train, split.validation, split.classes)
+    measure = None if budget is None else partial(calibrate, device=str(device))
+    # the data checks that follow read the volumes once more, as the fingerprint did
+    spent = time.monotonic() - started + time.monotonic() - begun
+    plan = plan_run(data, probe_device(str(device)), fixed, budget, measure, spent)
+    return apply_plan(config, plan), plan
+
+
+def _train(config: TrainConfig, resume: bool, force: bool, started: float) -> Path:
     """:func:`train`, run under the lock of its output."""
     out = config.output
     stages = {"1": [1], "2": [2], "both": [1, 2]}[config.stages]
     device = resolve_device(config.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed patch and window sizes: pick fast kernels
     _check_output(out, stages, resume, force)
-    data = prepare_data(config, resolve_split(config))
+    split = resolve_split(config)
+    config, plan = _plan(config, split, device, started)
+    stages = {"1": [1], "2": [2], "both": [1, 2]}[config.stages]  # the plan may train stage 1 alone
+    budget = config.training.time_budget
+    data = prepare_data(config, split)
+    if plan is not None:  # after the data checks: a bad volume is one line
+        print(format_plan(plan), file=sys.stderr)
     previous = load_model_dir(out) if stages == [2] else None
     if previous is not None:
         if len(previous.classes) != len(data.split.classes):
@@ -370,16 +420,23 @@ def _train(config: TrainConfig, resume: bool, force: bool) -> Path:
         normalization = Normalization.from_dict(previous.meta["normalization"])
         data = TrainingData(data.split, data.index, normalization, data.spacing)
     meta = _meta(config, data, data.normalization.to_dict())
+    if plan is not None:
+        meta["plan"] = plan.to_json()
     out.mkdir(parents=True, exist_ok=True)
     if force:
         _remove_outputs(out, stages)
         if previous is not None:  # back to a stage-1 model directory
             save_model_dir(out, meta, previous.stage1, None, force=True)
     log = TrainLog(out / "train_log.csv", data.split.classes)
-    stage1_changed = 1 in stages and _train_stage1(config, data, meta, out, device, log, resume)
+    clock = None if budget is None else Deadline(started + BUDGET_USE * budget, plan)
+    phase = None if clock is None else (clock, "stage 1")
+    stage1_changed = 1 in stages and _train_stage1(config, data, meta, out, device, log, resume, phase)
     if 2 in stages:
-        _train_stage2(config, data, meta, out, device, log, resume and not stage1_changed)
-    _choose_postprocessing(config, data, out, device)
+        _train_stage2(config, data, meta, out, device, log, resume and not stage1_changed, clock)
+    if clock is None or clock.affords("post-processing"):
+        _choose_postprocessing(config, data, out, device)
+    else:
+        print("meunet train: time budget spent: no post-processing chosen (none is applied)", file=sys.stderr)
     log.plot(out / "curves.png")
     return out
 

@@ -1,0 +1,192 @@
+"""The planner: decisions as a pure function of the data fingerprint and a device description (no GPU
+needed: memory is counted on the meta device), `meunet plan`'s bad input, and a time-budgeted training run."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from meunet.errors import InputError
+from meunet.io import Volume, write_volume
+from meunet.models import PAPER_WIDTHS
+from meunet.train import load_config, parse_config, train
+from meunet.train.config import parse_duration
+from meunet.train.plan import (
+    CPU_WIDTHS,
+    MEMORY_FRACTION,
+    DeviceInfo,
+    Fingerprint,
+    Spec,
+    Timing,
+    peak_bytes,
+    plan_run,
+)
+
+GIB = 2**30
+PAPER_DATA = Fingerprint([(512, 512, 512)] * 3, [(512, 512, 512)], (0.01,) * 3, {}, [0.9, 0.07, 0.03])
+FLY_DATA = Fingerprint([(192, 96, 96)] * 5, [(192, 96, 96)], (0.01,) * 3, {}, [0.9, 0.08, 0.02])
+
+
+def _gpu(gib: float, bf16: bool = True) -> DeviceInfo:
+    return DeviceInfo("cuda", "cuda:0", int(gib * GIB), 16, bf16, present=False)
+
+
+def _spec(plan, side: int) -> Spec:
+    v = plan.value
+    return Spec(tuple(v("model.widths")), "instance", v("model.checkpointing"), side, 1.5,
+                v("training.batch_size"), v("precision"), 3)  # fmt: skip
+
+
+def test_80_gb_gpu_gets_the_papers_recipe():
+    plan = plan_run(PAPER_DATA, _gpu(80), {})
+    assert plan.value("patch.size") == 160 and plan.window == 240
+    assert plan.value("training.batch_size") == 4
+    assert plan.value("model.widths") == list(PAPER_WIDTHS)
+    assert plan.value("model.checkpointing") is True and plan.value("precision") == "bf16"
+    assert plan.stages["stage 1"]["peak_bytes"] <= MEMORY_FRACTION * 80 * GIB
+    assert all(why for _, why in plan.keys.values())
+
+
+def test_12_gb_gpu_gets_the_largest_smaller_pair_that_fits_on_the_meta_device():
+    plan = plan_run(PAPER_DATA, _gpu(12), {})
+    side = plan.value("patch.size")
+    assert side < 160 and plan.value("training.batch_size") == 4
+    budget = MEMORY_FRACTION * 12 * GIB
+    assert max(peak_bytes(s, _spec(plan, side)) for s in (1, 2)) <= budget
+    assert max(peak_bytes(s, _spec(plan, side + 16)) for s in (1, 2)) > budget
+
+
+def test_two_core_cpu_gets_a_narrow_network_and_small_patches():
+    cpu = DeviceInfo("cpu", "cpu", 8 * GIB, 2, False, present=False)
+    plan = plan_run(FLY_DATA, cpu, {}, budget=parse_duration("30m"))
+    assert plan.value("model.widths") == list(CPU_WIDTHS)
+    assert plan.value("patch.size") == 32 and plan.value("training.batch_size") == 4
+    assert plan.value("model.checkpointing") is False and plan.value("training.workers") == 0
+    assert plan.value("precision") == "fp32"
+    assert plan.seconds <= parse_duration("30m")
+    assert plan.value("training.max_iterations") >= 20
+
+
+def test_keys_the_user_sets_are_never_changed():
+    fixed = {"patch.size": 48, "model.widths": [4, 8, 8, 8, 8], "training.batch_size": 2, "stages": "both"}
+    plan = plan_run(FLY_DATA, DeviceInfo("cpu", "cpu", 8 * GIB, 2, False, present=False), fixed, budget=3600)
+    assert not set(fixed) & set(plan.planned)
+    assert all(plan.keys[key] == (value, "set") for key, value in fixed.items() if key != "stages")
+    assert "fold 1" in plan.stages and "stage 2" in plan.stages
+
+
+def test_too_little_memory_or_time_says_what_the_smallest_plan_needs():
+    with pytest.raises(InputError, match=r"too small for any network: the smallest plan .* needs \d"):
+        plan_run(PAPER_DATA, _gpu(0.01), {})
+    cpu = DeviceInfo("cpu", "cpu", 8 * GIB, 2, False, present=False)
+    with pytest.raises(InputError, match=r"too short .* needs about"):
+        plan_run(FLY_DATA, cpu, {}, budget=10)
+
+
+def test_durations():
+    assert [parse_duration(t) for t in ("10m", "1h30m", "90s", "1.5h", 45)] == [600, 5400, 90, 5400, 45]
+    for bad in ("ten minutes", "", "0m", "-5"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def _phantom(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.arange(32)] * 3, indexing="ij")
+    c = rng.uniform(10, 22, 3)
+    labels = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < 49).astype(np.uint8)
+    image = (60 + 80 * labels + rng.normal(0, 15, labels.shape)).clip(0, 255).astype(np.uint8)
+    return image, labels
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    """A configuration with the keys a tiny CPU run needs set, the rest left to the planner."""
+    folder = tmp_path_factory.mktemp("plan")
+    for i in range(2):
+        image, labels = _phantom(i)
+        write_volume(folder / f"img{i}.npy", Volume(image))
+        write_volume(folder / f"lab{i}.npy", Volume(labels))
+    pair = [{"image": f"img{i}.npy", "label": f"lab{i}.npy"} for i in range(2)]
+    config = {
+        "output": "model",
+        "stages": 1,
+        "data": {"train": pair[:1], "validation": pair[1:]},
+        "model": {"classes": ["background", "ball"], "widths": [2, 4, 4, 4, 4], "norm": "batch"},
+        "patch": {"size": 16},
+        "training": {"progress": False},
+    }
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return folder / "tiny.yaml"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--time-budget", "soon"), "--time-budget: not a duration like 10m"),
+        (("--device", "cpu", "--memory-gib", "0.000001"), "too small for any network: the smallest plan"),
+        (("--device", "tpu"), "--device: must be auto, cpu, cuda"),
+    ],
+)
+def test_plan_bad_input_is_one_line_exit_2_nothing_written(cli, config_file, args, message):
+    out = config_file.parent / "planned.yaml"
+    result = cli("plan", config_file, *args, "--out", out)
+    assert result.exit_code == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_plan_for_an_absent_gpu_needs_its_memory(cli, config_file):
+    result = cli("plan", config_file, "--device", "cuda")
+    assert result.exit_code == 2 and "not available on this machine" in result.stderr
+
+
+def test_plan_writes_a_complete_configuration_with_reasons(cli, config_file):
+    out = config_file.parent / "planned.yaml"
+    result = cli("plan", config_file, "--device", "cpu", "--time-budget", "1h", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    assert "training.max_iterations" in result.stdout and "expected whole run" in result.stdout
+    text = out.read_text()
+    assert "  max_iterations: " in text and "  # fills 1 h 0 min at" in text
+    assert "  widths: [2, 4, 4, 4, 4]\n" in text  # the user's key: no comment
+    planned = load_config(out)
+    assert planned.training.time_budget == 3600 and planned.model.widths == [2, 4, 4, 4, 4]
+    out.unlink()
+
+
+def test_a_time_budget_stops_training_and_keeps_a_validated_model(config_file, tmp_path, monkeypatch):
+    import meunet.train.pipeline as pipeline
+
+    # a fixed calibration: the plan (far more steps than 8 s allow) is the same on every machine
+    monkeypatch.setattr(pipeline, "calibrate", lambda spec, device: Timing((0.002, 0.002), (0.001, 0.001)))
+    values = yaml.safe_load(config_file.read_text())
+    values["output"] = str(tmp_path / "model")
+    values["training"]["time_budget"] = "8s"
+    config = parse_config(values, "tiny.yaml", config_file.parent)
+    train(config, started=time.monotonic())
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    planned = meta["plan"]["keys"]
+    assert planned["model.widths"] == {"value": [2, 4, 4, 4, 4], "why": "set", "planned": False}
+    assert planned["training.max_iterations"]["planned"]
+    assert meta["train_config"]["training"]["max_iterations"] == planned["training.max_iterations"]["value"]
+    assert (tmp_path / "model" / "stage1.pt").exists()
+    rows = (tmp_path / "model" / "train_log.csv").read_text().splitlines()[1:]
+    assert rows and int(rows[-1].split(",")[1]) <= planned["training.max_iterations"]["value"]
+
+
+def test_a_stage_past_its_deadline_validates_and_stops(config_file, tmp_path, monkeypatch):
+    import meunet.train.pipeline as pipeline
+
+    fit = pipeline.fit_stage
+    monkeypatch.setattr(pipeline, "fit_stage", lambda *a: fit(*a[:7], time.monotonic(), 0.0))
+    values = yaml.safe_load(config_file.read_text())
+    values["output"] = str(tmp_path / "model")
+    values["training"].update(max_iterations=50, validate_every=25)
+    train(parse_config(values, "tiny.yaml", config_file.parent))
+    rows = (tmp_path / "model" / "train_log.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[1] for row in rows] == ["1"]
