@@ -257,9 +257,8 @@ def test_examples_are_valid_configurations():
 def test_stage2_trains_on_out_of_fold_stage1_output(tmp_path, monkeypatch):
     import meunet.train.pipeline as pipeline
     from meunet.data.normalization import Normalization
-    from meunet.infer import SlidingWindow, predict_stage1
+    from meunet.infer import SlidingWindow, image_input, predict_stage1
     from meunet.models import Cascade, MeUNet, UNet3D
-    from meunet.train.inference import image_input
 
     parts = [_phantom(i) for i in (0, 1)]  # one scan of 64 slices with a ball in each half
     image, labels = (np.concatenate([p[k] for p in parts]) for k in (0, 1))

@@ -306,29 +306,28 @@ def predict_command(
     ),
 ) -> None:
     """Segment a volume in bounded memory: sliding windows streamed along z, labels written slab by slab."""
+    from meunet.infer import Predictor, PredictSettings
+
+    settings = PredictSettings(
+        window, overlap, blend, batch, device, precision, skip_empty, air_threshold, tta, not no_postprocess
+    )
     if dask is not None:
         from meunet.distributed import predict_distributed
 
         if probabilities is not None:
             raise InputError(probabilities, "--probabilities is not available with --dask")
         for s in predict_distributed(
-            model_dir, input, output, dask, overlap=overlap, blend=blend, window=window, batch=batch,
-            device=device, precision=precision, skip_empty=skip_empty, air_threshold=air_threshold, tta=tta,
-            stats_json=stats_json, progress=not no_progress, force=force, resume=resume,
-            postprocess=not no_postprocess,
+            model_dir, input, output, dask, settings, stats_json=stats_json, progress=not no_progress,
+            force=force, resume=resume,
         ):  # fmt: skip
             typer.echo(
                 f"wrote {s['output']}: {s['blocks']} blocks ({s['blocks_reused']} from an earlier run), "
                 f"{s['windows']} windows ({s['windows_skipped']} skipped), {s['seconds']:.1f} s"
             )
         return
-    from meunet.infer import predict
-
-    stats = predict(
-        model_dir, input, output, overlap=overlap, blend=blend, window=window, batch=batch, device=device,
-        precision=precision, skip_empty=skip_empty, air_threshold=air_threshold, tta=tta,
-        probabilities=probabilities, stats_json=stats_json, progress=not no_progress, force=force,
-        resume=resume, postprocess=not no_postprocess,
+    stats = Predictor(model_dir, settings).predict(
+        input, output, probabilities=probabilities, stats_json=stats_json, progress=not no_progress,
+        force=force, resume=resume,
     )  # fmt: skip
     typer.echo(
         f"wrote {output}: {stats['voxels']} voxels in {stats['seconds']:.1f} s "

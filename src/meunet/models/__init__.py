@@ -7,7 +7,7 @@
 """
 
 from meunet.models.bundle import ModelBundle, load_model_dir, save_model_dir
-from meunet.models.cascade import Cascade, build_cascade
+from meunet.models.cascade import Cascade, build_cascade, stage1_fill
 from meunet.models.meunet import MeUNet
 from meunet.models.unet import PAPER_WIDTHS, BatchNorm3d, ConvStage, UNet3D, crop_to, pad_to_multiple
 
@@ -24,4 +24,5 @@ __all__ = [
     "load_model_dir",
     "pad_to_multiple",
     "save_model_dir",
+    "stage1_fill",
 ]

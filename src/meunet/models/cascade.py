@@ -13,6 +13,17 @@ FUSIONS = ("post", "pre")
 STAGE1_OUTPUTS = ("probs", "features")
 
 
+def stage1_fill(channels: int, stage1_output: str = "probs") -> tuple[float, ...]:
+    """The stage-1 output stage 2 sees past a volume's border, per channel: certain background (one-hot
+    class 0) for probabilities, zeros for features. Training pads its patches and warps with it, and every
+    prediction path pads its windows with it.
+
+    >>> stage1_fill(3)
+    (1.0, 0.0, 0.0)
+    """
+    return (1.0,) + (0.0,) * (channels - 1) if stage1_output == "probs" else (0.0,) * channels
+
+
 class Cascade(nn.Module):
     """Stage 1 (frozen: no gradient, always in eval mode) followed by a stage-2 U-net.
 

@@ -22,6 +22,7 @@ from meunet.data.augment import (
 )
 from meunet.data.patches import PatchDataset
 from meunet.errors import InputError
+from meunet.models.cascade import stage1_fill
 from meunet.precision import autocast_dtype, resolve_precision
 from meunet.train.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from meunet.train.config import AugmentationConfig, Stage2Config, TrainConfig
@@ -106,9 +107,9 @@ def augment_batch(
         if key.endswith("label"):
             out[key] = apply_transforms(value[:, None].float(), t, "nearest")[:, 0].long()
         elif key == "stage1":
-            fill = torch.zeros(value.shape[1])
-            fill[0] = 1
-            out[key] = apply_transforms(value.float(), t, "bilinear", fill)
+            out[key] = apply_transforms(
+                value.float(), t, "bilinear", torch.tensor(stage1_fill(value.shape[1]))
+            )
         else:
             out[key] = apply_transforms(value, t, "bilinear", image_fill)
     images = [k for k in ("image", "context_image") if k in out]

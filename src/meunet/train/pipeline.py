@@ -21,7 +21,7 @@ from meunet.data.normalization import Normalization
 from meunet.data.patches import PatchDataset
 from meunet.data.sampling import PatchIndex, fold_regions, without_regions
 from meunet.errors import InputError
-from meunet.infer import SlidingWindow
+from meunet.infer import SlidingWindow, image_input, stage1_input
 from meunet.infer.postprocess import choose_rules
 from meunet.io import atomic_output, output_lock
 from meunet.models import Cascade, MeUNet, UNet3D, load_model_dir, save_model_dir
@@ -31,8 +31,6 @@ from meunet.train.data import TrainingData, open_array, prepare_data, resolve_sp
 from meunet.train.inference import (
     cache_stage1_output,
     file_digest,
-    image_input,
-    probability_input,
     validation_dice,
     validation_labels,
 )
@@ -150,7 +148,7 @@ def _fit(
         for i, pair in enumerate(data.split.validation):
             inputs = [image_input(open_array(pair.image), norm)]
             if caches is not None:
-                inputs.append(probability_input(zarr.open_array(str(caches["validation"][i]), mode="r")))
+                inputs.append(stage1_input(zarr.open_array(str(caches["validation"][i]), mode="r")))
             volumes.append((inputs, open_array(pair.label)))
         return validation_dice(net, volumes, n_classes, engine)
 
@@ -395,7 +393,7 @@ def _choose_postprocessing(config: TrainConfig, data: TrainingData, out: Path, d
     for i, pair in enumerate(data.split.validation):
         inputs = [image_input(open_array(pair.image), data.normalization)]
         if bundle.stage2 is not None:
-            inputs.append(probability_input(zarr.open_array(str(out / CACHE_DIR / f"validation_{i}.zarr"))))
+            inputs.append(stage1_input(zarr.open_array(str(out / CACHE_DIR / f"validation_{i}.zarr"))))
         truth = np.asarray(open_array(pair.label)).astype(np.uint8, copy=False)
         pairs.append((validation_labels(bundle.net, inputs, n_classes, engine), truth))
     rules, dice = choose_rules(pairs, n_classes)
