@@ -19,7 +19,7 @@ import torch
 import zarr
 from torch import nn
 
-from meunet import allocator_tunables
+from meunet.allocator import allocator_tunables
 from meunet.data.normalization import Normalization
 from meunet.distributed import SCRATCH, connect, plan_blocks, predict_distributed
 from meunet.errors import InputError

@@ -15,9 +15,10 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from meunet import __version__, allocator_tunables
+from meunet import __version__
+from meunet.allocator import allocator_tunables
 from meunet.errors import InputError
-from meunet.io import atomic_output, check_new_output
+from meunet.io import atomic_output, check_new_output, write_json
 
 
 class _Group(TyperGroup):
@@ -202,7 +203,9 @@ def synth_from_labels(
     typer.echo(f"wrote {path}")
 
 
-bench_app = typer.Typer(help="Measurements of design section 4 (memory, speed).", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Measurements of memory and speed (docs/method.md, section 7).", no_args_is_help=True
+)
 app.add_typer(bench_app, name="bench")
 
 
@@ -221,7 +224,6 @@ def bench_memory(
     force: bool = typer.Option(False, "--force", help="Overwrite existing --json / --plot files."),
 ) -> None:
     """Memory of one training step (forward, W_D loss, backward): baselines, meU-net, cascades."""
-    import json
 
     for out in (json_file, plot):
         if out is not None:
@@ -239,15 +241,14 @@ def bench_memory(
 
     import torch
 
-    from meunet.bench import StepSetting, format_table, measure_memory, plot_memory
+    from meunet.memory import StepSetting, format_table, measure_memory, plot_memory
 
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device", "CUDA is not available on this machine")
     records = measure_memory(StepSetting(patch, context_scale, batch, tuple(width_list), precision, device))
     typer.echo(format_table(records))
     if json_file is not None:
-        with atomic_output(json_file) as tmp:
-            tmp.write_text(json.dumps(records, indent=1) + "\n")
+        write_json(json_file, records, indent=1)
     if plot is not None:
         with atomic_output(plot) as tmp:
             plot_memory(records, tmp)
@@ -273,7 +274,7 @@ def predict_command(
         ..., help="Labels to write (uint8, the input's geometry); suffix = format."
     ),
     overlap: float = typer.Option(0.5, "--overlap", help="Fraction of the window shared by neighbours."),
-    blend: str = typer.Option("gaussian", "--blend", help="gaussian, constant, or vote (notebook's)."),
+    blend: str = typer.Option("gaussian", "--blend", help="gaussian, constant, or vote (paper's code)."),
     window: tuple[int, int, int] | None = typer.Option(
         None, "--window", metavar="Z Y X", help="Window size (default: the model's)."
     ),
@@ -411,8 +412,8 @@ def demo_command(
 
 def main() -> None:
     """Console-script entry point: where ``GLIBC_TUNABLES`` is not set and
-    :func:`meunet.allocator_tunables` gives a value, the program is started again with it (setting the
-    variable, even to nothing, keeps yours)."""
+    :func:`meunet.allocator.allocator_tunables` gives a value, the program is started again with it (setting
+    the variable, even to nothing, keeps yours)."""
     if "GLIBC_TUNABLES" not in os.environ and (tunables := allocator_tunables()) is not None:
         os.environ["GLIBC_TUNABLES"] = tunables
         os.execv(sys.executable, [sys.executable, "-m", "meunet.cli", *sys.argv[1:]])

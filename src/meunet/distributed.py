@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from meunet import allocator_tunables
+from meunet.allocator import allocator_tunables
 from meunet.errors import InputError
 from meunet.infer import Predictor, PredictSettings, WindowCounts
 from meunet.infer.postprocess import SLAB_VOXELS, postprocess_slabs
@@ -47,7 +47,7 @@ from meunet.io import (
 DIRECT_FORMATS = ("zarr", "ome-zarr", "npy")  # read block by block in place; other inputs are converted
 # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also fixes glibc's mmap threshold at 128 KiB:
 # every activation of the network is then mmap-ed and unmapped, and prediction runs ~1.7x slower (measured).
-# local:N workers start without it and with meunet.allocator_tunables().
+# local:N workers start without it and with meunet.allocator.allocator_tunables().
 PRE_SPAWN_ENVIRON = "distributed.nanny.pre-spawn-environ"
 SCRATCH = "meunet-blocks"  # inside the output writer's partial folder: markers, settings, converted input
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from meunet.infer.window import (
     within,
 )
 from meunet.io import Volume, VolumeWriter, check_new_output, create_writer, open_volume, write_json
+from meunet.memory import peak_rss_bytes
 from meunet.models.cascade import stage1_fill
 
 SKIP_MARGIN = 10.0  # a skipped window's logits: 0 for background, -SKIP_MARGIN for the others
@@ -271,7 +271,7 @@ class Predictor:
         Returns:
             labels of the core, shape ``(hi - lo)`` per axis.
         """
-        engine, cascade = self.engine, self.bundle.stage2
+        engine, cascade = self.engine, self.bundle.cascade
         shape = tuple(image.shape)
         grid = engine.grid(shape)
         starts, span = windows_over(grid, engine.window, core, shape)
@@ -305,7 +305,7 @@ class Predictor:
     ):
         """The final stage's blended scores from ``start_z`` on; a cascade's stage 1 first goes to
         ``scratch`` (removed when ``stack`` closes) over the rows that stage 2 still needs."""
-        engine, cascade = self.engine, self.bundle.stage2
+        engine, cascade = self.engine, self.bundle.cascade
         inputs = [image]
         if cascade is not None and start_z < image.array.shape[0]:
             stack.callback(shutil.rmtree, scratch, ignore_errors=True)
@@ -344,8 +344,8 @@ def predict(
     .predict(input, output, ...)`` (see :class:`PredictSettings` for the settings and
     :meth:`Predictor.predict` for the rest). To segment several volumes, make one :class:`Predictor`.
 
-    >>> stats = predict(model_dir, image_path, tmp / "labels.nii.gz", skip_empty=True, progress=False)
-    >>> read_volume(tmp / "labels.nii.gz").array.shape == read_volume(image_path).array.shape
+    >>> stats = predict(model_dir, image_path, tmp / "predicted.nii.gz", skip_empty=True, progress=False)
+    >>> read_volume(tmp / "predicted.nii.gz").array.shape == read_volume(image_path).array.shape
     True
     """
     settings = PredictSettings(
@@ -488,9 +488,9 @@ def estimate_peak_bytes(bundle, engine: SlidingWindow, volume: Volume, probabili
     y, x = (max(s, w) for s, w in zip(volume.array.shape[1:], engine.window[1:], strict=True))
     n_classes = len(bundle.classes)
     plane = y * x
-    stage1_channels = 0 if bundle.stage2 is None else bundle.stage2.stage1_channels
+    stage1_channels = 0 if bundle.cascade is None else bundle.cascade.stage1_channels
     widths = [bundle.meta["stage1"]["widths"][0]]
-    if bundle.stage2 is not None:
+    if bundle.cascade is not None:
         widths.append(bundle.meta["stage2"]["widths"][0] + stage1_channels)
     padded = math.prod(-(-w // 16) * 16 for w in engine.window)
     window_voxels = wz * wy * wx
@@ -502,12 +502,6 @@ def estimate_peak_bytes(bundle, engine: SlidingWindow, volume: Volume, probabili
     outputs = 2 * out_depth * plane * (1 + (2 * n_classes + 8 if probabilities or stage1_channels else 0))
     now = psutil.Process().memory_info().rss
     return int(now + RUNTIME_BYTES + accumulators + input_slabs + batch + activations + outputs)
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far, in bytes."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _outputs(engine: SlidingWindow, scores: Iterable, probabilities: bool) -> Iterator[tuple[int, tuple]]:

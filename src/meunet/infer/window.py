@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from meunet.errors import InputError
-from meunet.precision import PRECISIONS, autocast_dtype, resolve_precision
+from meunet.precision import PRECISIONS, autocast, resolve_precision
 
 Blend = Literal["gaussian", "constant", "vote"]
 BLENDS = ("gaussian", "constant", "vote")
@@ -96,8 +96,9 @@ def importance_map(window: Shape3, blend: Blend) -> np.ndarray:
       ``max(min, 1e-3)``; built exactly as MONAI's ``compute_importance_map(mode="gaussian",
       sigma_scale=0.125)`` (and nnU-Net's map, up to a constant factor).
     - ``constant``: ones.
-    - ``vote``: the notebook's centre-weighted vote, 2 inside the window's central half-cube
-      (``[w // 4, w - w // 4)`` on every axis) and 1 elsewhere; used on one-hot hard labels.
+    - ``vote``: the centre-weighted vote of the paper's code (docs/method.md section 5), 2 inside the
+      window's central half-cube (``[w // 4, w - w // 4)`` on every axis) and 1 elsewhere; used on one-hot
+      hard labels.
     """
     if blend == "constant":
         return np.ones(window, np.float32)
@@ -160,7 +161,7 @@ class Input:
     fill: float | tuple[float, ...] = 0.0
     path: str | None = None
 
-    def window(self, raw: np.ndarray) -> np.ndarray:
+    def prepare(self, raw: np.ndarray) -> np.ndarray:
         """The float32 network input of one raw window."""
         return raw.astype(np.float32) if self.transform is None else self.transform(raw)
 
@@ -305,7 +306,7 @@ class SlidingWindow:
                 continue
             run.append((y0, x0))
             for stack, crop, inp in zip(windows, crops, inputs, strict=True):
-                stack.append(inp.window(self._pad(crop, inp.fill)))
+                stack.append(inp.prepare(self._pad(crop, inp.fill)))
         if not run:
             return
         outputs = self._forward(net, [np.stack(stack) for stack in windows])
@@ -329,9 +330,7 @@ class SlidingWindow:
     def _forward(self, net, inputs: list[np.ndarray]) -> np.ndarray:
         """Run the net on one batch (with flips if ``tta``); float32 (B, n_out, wz, wy, wx) numpy scores."""
         tensors = [torch.from_numpy(a).to(self.device) for a in inputs]
-        device_type = torch.device(self.device).type
-        dtype = autocast_dtype(self.precision)
-        with torch.inference_mode(), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+        with torch.inference_mode(), autocast(self.precision, self.device):
             out = net(*tensors).float()
             if self.tta:
                 for n in (1, 2, 3):

@@ -137,7 +137,12 @@ def open_volume(path: str | PathLike[str], spacing: tuple[float, float, float] |
 
 
 def read_volume(path: str | PathLike[str], spacing: tuple[float, float, float] | None = None) -> Volume:
-    """Read a whole volume into memory: like :func:`open_volume`, with ``array`` a numpy (Z, Y, X) array."""
+    """Read a whole volume into memory: like :func:`open_volume`, with ``array`` a numpy (Z, Y, X) array.
+
+    >>> volume = read_volume(image_path)
+    >>> volume.array.shape, volume.array.dtype.name, volume.spacing
+    ((40, 20, 24), 'uint8', (0.5, 0.25, 0.25))
+    """
     volume = open_volume(path, spacing)
     if not isinstance(volume.array, np.ndarray):
         volume.array = volume.array[...]

@@ -61,7 +61,7 @@ def segment(
         overlap=overlap, device=device, precision=precision, skip_empty=skip_empty, postprocess=postprocess
     )
     predictor = Predictor(model_dir, settings)
-    stages = 1 if predictor.bundle.stage2 is None else 2
+    stages = 1 if predictor.bundle.cascade is None else 2
     grid = predictor.engine.grid(array.shape)
     counts = _Reporting(on_window, stages * math.prod(len(g) for g in grid))
     return predictor.labels(array, counts), list(predictor.bundle.classes)

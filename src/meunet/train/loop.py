@@ -23,7 +23,7 @@ from meunet.data.augment import (
 from meunet.data.patches import PatchDataset
 from meunet.errors import InputError
 from meunet.models.cascade import stage1_fill
-from meunet.precision import autocast_dtype, resolve_precision
+from meunet.precision import autocast, resolve_precision
 from meunet.train.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from meunet.train.config import AugmentationConfig, Stage2Config, TrainConfig
 from meunet.train.log import TrainLog
@@ -240,7 +240,6 @@ def fit_stage(
         num_workers=training.workers,
         pin_memory=device.type == "cuda",
     )
-    dtype = autocast_dtype(precision)
     sums: dict[str, float] = {}
     steps = 0
     started = time.perf_counter() - progress.seconds
@@ -253,7 +252,7 @@ def fit_stage(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, progress.iteration, total)
         batch = augment({k: v.to(device, non_blocking=True) for k, v in batch.items()}, generator)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(precision, device):
             losses = stage.losses(stage.net, batch)
         if not torch.isfinite(losses["loss"].detach()).item():  # stop before non-finite weights exist
             raise InputError(
