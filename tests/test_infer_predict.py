@@ -298,6 +298,15 @@ def test_invalid_settings_are_one_input_error_line(cli, models, tmp_path, option
     assert not (tmp_path / "a.npy").exists()
 
 
+def test_probabilities_keep_the_inputs_geometry(models, tmp_path):
+    image = _image(tmp_path / "image.nii.gz")
+    predict(models["single"], image, tmp_path / "l.npy", probabilities=tmp_path / "p.zarr", progress=False)
+    probs = zarr.open_array(tmp_path / "p.zarr", mode="r")
+    assert probs.shape == (3, 40, 20, 24) and probs.dtype == np.float16
+    assert probs.attrs["meunet"]["spacing"] == [0.5, 0.25, 0.25]
+    np.testing.assert_allclose(probs[...].astype(np.float32).sum(axis=0), 1, atol=3e-3)
+
+
 def test_predict_refuses_a_nan_voxel_naming_the_input(models, tmp_path):
     array = np.full((40, 20, 24), 50.0, np.float32)
     array[33, 4, 5] = np.nan

@@ -37,6 +37,7 @@ from meunet.io import (
     add_label_pyramid,
     check_new_output,
     create_writer,
+    ome_levels,
     open_volume,
     volume_format,
     volume_pairs,
@@ -345,10 +346,7 @@ def _postprocess_in_place(path: Path, rules: dict) -> None:
     """Apply post-processing rules to level 0 of an OME-Zarr labels image, slab by slab on the client, in
     place (each slab is read before it is written, and the second pass reads only its own slab), so the
     labels equal those of single-process prediction."""
-    import zarr
-
-    group = zarr.open_group(path, mode="r+")
-    level0 = group[group.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]]
+    level0 = ome_levels(path, mode="r+")[0]
     depth = level0.chunks[0] * max(1, SLAB_VOXELS // (level0.chunks[0] * level0.shape[1] * level0.shape[2]))
     for z0, slab in postprocess_slabs(level0, rules, depth):
         level0[z0 : z0 + len(slab)] = slab

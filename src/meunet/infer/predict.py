@@ -300,9 +300,7 @@ class Predictor:
         )
         return labels[within(core, span)]
 
-    def _stream(
-        self, stack: ExitStack, image: Input, scratch: Path, start_z: int, counts, progress, like=None
-    ):
+    def _stream(self, stack: ExitStack, image: Input, scratch: Path, start_z: int, counts, progress):
         """The final stage's blended scores from ``start_z`` on; a cascade's stage 1 first goes to
         ``scratch`` (removed when ``stack`` closes) over the rows that stage 2 still needs."""
         engine, cascade = self.engine, self.bundle.cascade

@@ -33,6 +33,7 @@ __all__ = [
     "create_writer",
     "downsample_mode",
     "iter_slabs",
+    "ome_levels",
     "open_volume",
     "output_lock",
     "read_volume",
@@ -218,6 +219,16 @@ def create_writer(
     else:
         from meunet.io._npy import NpyWriter as Writer
     return Writer(path, geometry, None if chunks is None else tuple(int(c) for c in chunks), resume, force)
+
+
+def ome_levels(path: str | PathLike[str], mode: str = "r") -> list:
+    """The zarr arrays of every level of an OME-Zarr image's first multiscale image, level 0 first."""
+    import zarr
+
+    from meunet.io._zarr import _multiscale
+
+    group = zarr.open_group(path, mode=mode)
+    return [group[d["path"]] for d in _multiscale(dict(group.attrs))["datasets"]]
 
 
 def volume_pairs(input: str | PathLike[str], output: str | PathLike[str]) -> list[tuple[Path, Path]]:
