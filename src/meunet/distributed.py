@@ -1,16 +1,18 @@
 """Prediction over a Dask cluster: volumes cut into output-chunk-aligned blocks, one task per block.
 
-Every block reads its core plus the halo its windows need and runs the streaming engine
-(:class:`meunet.infer.SlidingWindow`) on exactly the windows the whole volume's grid places over the core, in
-the same order and with the same weights, so every voxel is the same sum of the same terms as in
-single-process prediction (:func:`meunet.infer.predict`): the labels are bit for bit identical. A cascade's
-block first runs stage 1 on the windows over its stage-2 region, so its stage-1 input is identical too.
+This module only orchestrates: it plans the blocks, submits one task per block and collects them. Each
+worker builds one :class:`meunet.infer.Predictor` from the run's settings, and a task is
+:meth:`meunet.infer.Predictor.block`: the block's core plus the halo its windows need, run on exactly the
+windows the whole volume's grid places over the core, in the same order and with the same weights, so every
+voxel is the same sum of the same terms as in single-process prediction (:func:`meunet.infer.predict`): the
+labels are bit for bit identical. A cascade's block first runs stage 1 on the windows over its stage-2
+region, so its stage-1 input is identical too.
 
 A task writes its core into the output OME-Zarr (whole chunks, so no locks) and then an empty completion
 marker; a task that a dying worker loses is simply run again by Dask, and a run resumed after the client died
 submits only the blocks without a marker. The output is an OME-Zarr labels image with a multiscale pyramid
-(:func:`add_label_pyramid`). Workers need the model directory, the input and the output on a shared file
-system, under the same paths as the client.
+(:func:`meunet.io.add_label_pyramid`). Workers need the model directory, the input and the output on a
+shared file system, under the same paths as the client.
 """
 
 from __future__ import annotations
