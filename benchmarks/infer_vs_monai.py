@@ -8,8 +8,8 @@ its rows). Ours reads the input
 slab by slab from a .npy file and writes Zarr labels; MONAI gets the normalised volume as one float32 tensor
 (its interface) and its labels are saved to .npy. Two depths show how memory grows with the volume; a
 paper-size run (1072 x 470 x 470 by default) shows ours at scale. Every subprocess, ours and MONAI's alike,
-runs with ``meunet.GLIBC_TUNABLES``, what the ``meunet`` program uses where transparent huge pages are on
-(``--allocator meunet``, the default), or with glibc's defaults (``--allocator glibc``). Prints a table
+runs with ``meunet.allocator.GLIBC_TUNABLES``, what the ``meunet`` program uses where transparent huge pages
+are on (``--allocator meunet``, the default), or with glibc's defaults (``--allocator glibc``). Prints a table
 and writes JSON.
 
     .venv/bin/python benchmarks/infer_vs_monai.py [--yx 256 256] [--depths 128 256] [--window 96]

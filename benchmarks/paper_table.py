@@ -1,5 +1,5 @@
-"""The paper's comparison (design section 3): five configurations trained with the same budget over several
-seeds, evaluated on held-out volumes, on synthetic flies or on the real microCT scans.
+"""The paper's comparison (docs/method.md section 6): five configurations trained with the same budget over
+several seeds, evaluated on held-out volumes, on synthetic flies or on the real microCT scans.
 
 Configurations, all with the same widths, batch and steps per stage:
 
@@ -19,7 +19,7 @@ learns them.
 
 Per run: Dice and IoU per class pooled over the test volumes, training wall time, prediction voxels per second
 (``meunet.infer.predict``); per configuration: activation bytes, peak memory and time of one training step
-(``meunet.bench.measure_memory``). Writes ``benchmarks/results/paper_table_<name>.json`` and rewrites
+(``meunet.memory.measure_memory``). Writes ``benchmarks/results/paper_table_<name>.json`` and rewrites
 ``docs/results.md`` from every such JSON present (with ``benchmarks/results/notes.md``, a person's reading
 of the numbers, and ``benchmarks/results/real_vs_threshold.md``, the section of
 ``benchmarks/real_vs_threshold.py``, where they exist).
@@ -46,14 +46,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from meunet.bench import StepSetting, measure_memory
-from meunet.demo import stage_mapping
 from meunet.infer import predict
 from meunet.io import Volume, open_volume, read_volume, write_volume
+from meunet.memory import StepSetting, measure_memory
 from meunet.metrics import dice_from_confusion, evaluate_labels, iou_from_confusion
+from meunet.models import context_side
 from meunet.report import Table, markdown_report, memory_table
 from meunet.synth import generate_dataset
 from meunet.train import parse_config, train
+from meunet.train.config import stage_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -74,7 +75,7 @@ BENCH_NAMES = {
 
 
 def bench_name(config: str, checkpointing: bool) -> str:
-    """The :mod:`meunet.bench` configuration measuring ``config``'s training step (the U-nets with
+    """The :mod:`meunet.memory` configuration measuring ``config``'s training step (the U-nets with
     ``-ckpt`` when trained with checkpointing; the meU-net always checkpoints there, as the method does)."""
     name = BENCH_NAMES[config]
     return f"{name}-ckpt" if checkpointing and config.startswith("unet") else name
@@ -114,7 +115,7 @@ class Budget:
     @property
     def context(self) -> int:
         """Context side, as the trainer computes it (``docs/config.md``, ``patch.context_scale`` 1.5)."""
-        return self.patch + 2 * round(self.patch * 0.25)
+        return context_side(self.patch)
 
 
 PAPER_SCALE = Budget((16, 32, 64, 128, 128), 160, 2, 3000, 10, True, (480, 320, 320), (6, 1, 2))
@@ -380,21 +381,23 @@ def _paragraph(text: str) -> str:
 
 INTRO = [
     _paragraph("""
-        Five configurations of design section 3, trained with the same widths, batch and number of steps per
-        stage, over several seeds, and evaluated on held-out volumes with `meunet.infer.predict`
-        (Gaussian-blended sliding windows, window = context side, 50 % overlap): `unet-local` (plain 3D U-net
-        on the local patch), `unet-fov` (plain U-net on the whole 1.5x context field of view at full
-        resolution), `meunet` (stage 1 alone), `cascade-pre` and `cascade-post` (that meU-net, frozen, plus a
-        stage-2 U-net fed by pre- or post-concatenation). The cascades train twice the steps (stage 1, then
-        stage 2), and their training time includes stage 1's. Dice and IoU are pooled over the test volumes
-        of a run, then given as mean ± standard deviation over the seeds; 'mean fg Dice' is the mean over the
-        foreground classes. The best weights of each stage are chosen on the validation volume.
+        Five configurations of [method.md](method.md) section 6, trained with the same widths, batch and
+        number of steps per stage, over several seeds, and evaluated on held-out volumes with
+        `meunet.infer.predict` (Gaussian-blended sliding windows, window = context side, 50 % overlap):
+        `unet-local` (plain 3D U-net on the local patch), `unet-fov` (plain U-net on the whole 1.5x context
+        field of view at full resolution), `meunet` (stage 1 alone), `cascade-pre` and `cascade-post` (that
+        meU-net, frozen, plus a stage-2 U-net fed by pre- or post-concatenation). The cascades train twice
+        the steps (stage 1, then stage 2), and their training time includes stage 1's. Dice and IoU are
+        pooled over the test volumes of a run, then given as mean ± standard deviation over the seeds; 'mean
+        fg Dice' is the mean over the foreground classes. The best weights of each stage are chosen on the
+        validation volume.
     """),
     _paragraph("""
         Memory columns: one training step of the configuration (forward, W_D loss, backward) measured by
-        `meunet.bench` (design section 4): activation bytes are the tensors saved for backward (exact); peak
-        is the step's peak memory above the built model (CPU: peak RSS of a fresh subprocess; CUDA:
-        `max_memory_allocated`). The full memory table below also lists the U-nets with checkpointing.
+        `meunet.memory` ([method.md](method.md) section 7): activation bytes are the tensors saved for
+        backward (exact); peak is the step's peak memory above the built model (CPU: peak RSS of a fresh
+        subprocess; CUDA: `max_memory_allocated`). The full memory table below also lists the U-nets with
+        checkpointing.
     """),
     _paragraph("""
         Produced by `benchmarks/paper_table.py`; every number below is measured, with the command and machine
@@ -429,7 +432,7 @@ def plot_dice(summary: dict[tuple[str, str], dict], title: str, path: Path) -> P
 def results_markdown(runs: list[dict], images: Path) -> str:
     """``docs/results.md`` from the JSON content of every run (one per ``--data`` / scale); its pictures are
     drawn into ``images``."""
-    from meunet.bench import plot_memory
+    from meunet.memory import plot_memory
     from meunet.report import Picture
 
     images.mkdir(parents=True, exist_ok=True)

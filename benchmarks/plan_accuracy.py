@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from meunet.bench import _peak_rss_bytes
+from meunet.memory import peak_rss_bytes
 from meunet.train import load_config, train
 from meunet.train.config import parse_duration
 
@@ -49,12 +49,12 @@ def main() -> None:
         update={"training": config.training.model_copy(update={"time_budget": budget})}
     )
     cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
-    before = _peak_rss_bytes()
+    before = peak_rss_bytes()
     started = time.monotonic()
     out = train(config, force=True, started=started)
     wall = time.monotonic() - started
     plan = json.loads((out / "model.json").read_text())["plan"]
-    measured_peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes() - before
+    measured_peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes() - before
     logs = {"stage 1": (out / "train_log.csv", "1"), "stage 2": (out / "train_log.csv", "2")}
     logs.update({f"fold {f}": (out / "stage1_cache" / f"fold{f}_log.csv", "1") for f in range(10)})
     rows = []

@@ -5,8 +5,7 @@ import sys
 
 import pytest
 
-import meunet
-from meunet import __version__
+from meunet import __version__, allocator
 
 
 def test_version(cli):
@@ -32,7 +31,7 @@ glibc = pytest.mark.skipif(
 @glibc
 def test_entry_point_restarts_with_the_allocator_settings_unless_the_user_set_them(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    expected = meunet.allocator_tunables() or "(unset)"
+    expected = allocator.allocator_tunables() or "(unset)"
     assert f"GLIBC_TUNABLES={expected})" in _console_script("version")
     assert "GLIBC_TUNABLES=(unset))" in _console_script("version", GLIBC_TUNABLES="")
     assert "GLIBC_TUNABLES=glibc.malloc.arena_max=1)" in _console_script(
@@ -44,12 +43,12 @@ def test_entry_point_restarts_with_the_allocator_settings_unless_the_user_set_th
 def test_allocator_settings_need_huge_pages_and_yield_to_the_users(monkeypatch, tmp_path):
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     setting = tmp_path / "enabled"
-    monkeypatch.setattr(meunet, "THP_SETTING", setting)
-    assert meunet.allocator_tunables() is None  # no such file: no huge pages known
+    monkeypatch.setattr(allocator, "THP_SETTING", setting)
+    assert allocator.allocator_tunables() is None  # no such file: no huge pages known
     for mode in ("[always] madvise never", "always [madvise] never"):
         setting.write_text(mode + "\n")
-        assert meunet.allocator_tunables() == meunet.GLIBC_TUNABLES
+        assert allocator.allocator_tunables() == allocator.GLIBC_TUNABLES
     setting.write_text("always madvise [never]\n")
-    assert meunet.allocator_tunables() is None
+    assert allocator.allocator_tunables() is None
     monkeypatch.setenv("GLIBC_TUNABLES", "")
-    assert meunet.allocator_tunables() == ""
+    assert allocator.allocator_tunables() == ""

@@ -19,24 +19,13 @@ import torch
 import zarr
 from torch import nn
 
-from meunet import allocator_tunables
+from meunet.allocator import allocator_tunables
 from meunet.data.normalization import Normalization
-from meunet.distributed import (
-    SCRATCH,
-    _on_windows,
-    connect,
-    downsample_mode,
-    plan_blocks,
-    predict_block,
-    predict_distributed,
-    volume_pairs,
-    windows_over,
-)
+from meunet.distributed import SCRATCH, connect, plan_blocks, predict_distributed
 from meunet.errors import InputError
-from meunet.infer import Input, SlidingWindow, predict
-from meunet.infer.predict import _skip_settings
-from meunet.io import Volume, read_volume, write_volume
-from meunet.models import Cascade, MeUNet, UNet3D, load_model_dir, save_model_dir
+from meunet.infer import Input, Predictor, PredictSettings, SlidingWindow, predict, windows_over
+from meunet.io import Volume, downsample_mode, read_volume, volume_pairs, write_volume
+from meunet.models import Cascade, MeUNet, UNet3D, save_model_dir
 
 WIDTHS = [2, 4, 4, 4, 4]
 NORM = Normalization(clip_low=0.0, clip_high=200.0, mean=60.0, std=40.0)
@@ -113,6 +102,10 @@ def _reference(data, name: str) -> np.ndarray:
     return read_volume(data[f"ref_{name}"]).array
 
 
+def _relative(starts, span):
+    return [[s - lo for s in axis] for axis, (lo, _) in zip(starts, span, strict=True)]
+
+
 def _windows_per_block(shape, block) -> int:
     grid = SlidingWindow(WINDOW).grid(shape)
     return [
@@ -151,7 +144,7 @@ def test_block_scores_are_bit_identical_to_the_whole_volume(blend, shape):
         starts, span = windows_over(grid, WINDOW, core, shape)
         part = Input(image.array[tuple(slice(*s) for s in span)], NORM.apply)
         scores = np.concatenate(
-            [s.copy() for _, s in _on_windows(engine, starts, span).stream(net, [part], 3)], 1
+            [s.copy() for _, s in engine.stream(net, [part], 3, starts=_relative(starts, span))], 1
         )
         inside = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(core, span, strict=True))
         assert np.array_equal(
@@ -165,13 +158,10 @@ def test_cascade_blocks_equal_single_process_prediction(tmp_path):
     write_volume(tmp_path / "image.npy", Volume(image))
     predict(model, tmp_path / "image.npy", tmp_path / "ref.npy", skip_empty=True, progress=False)
     expected = read_volume(tmp_path / "ref.npy").array
-    bundle = load_model_dir(model)
-    skip = _skip_settings(NORM, 3, None)
+    predictor = Predictor(model, PredictSettings(WINDOW, skip_empty=True))
     got = np.zeros_like(expected)
     for core in plan_blocks(image.shape, (8, 16, 16)):
-        got[tuple(slice(*c) for c in core)] = predict_block(
-            bundle, image, SlidingWindow(WINDOW, precision="auto"), core, skip
-        )
+        got[tuple(slice(*c) for c in core)] = predictor.block(image, core)
     assert len(np.unique(expected)) > 1
     np.testing.assert_array_equal(got, expected)
 
@@ -289,8 +279,8 @@ def test_run_resumed_after_the_client_died_skips_written_blocks(data, client, tm
     assert 0 < len(before) < 20 and not out.exists()
     with pytest.raises(InputError, match="another model, input or settings"):
         predict_distributed(
-            data["model"], data["a"], out, client, blend="constant", chunks=CHUNKS, block=BLOCK,
-            progress=False, resume=True,
+            data["model"], data["a"], out, client, PredictSettings(blend="constant"), chunks=CHUNKS,
+            block=BLOCK, progress=False, resume=True,
         )  # fmt: skip
     [stats] = predict_distributed(
         data["model"], data["a"], out, client, chunks=CHUNKS, block=BLOCK, progress=False, resume=True

@@ -38,8 +38,8 @@ def test_onnx_cascade_matches_pytorch(models, tmp_path, cli):
     bundle = load_model_dir(models["post"])
     image = torch.randn(2, 1, 32, 16, 48)
     with torch.no_grad():
-        stage1 = bundle.stage2.stage1_forward(image)
-        expected = bundle.stage2(image, stage1)
+        stage1 = bundle.cascade.stage1_forward(image)
+        expected = bundle.cascade(image, stage1)
     session = onnxruntime.InferenceSession(out / "stage2.onnx", providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"image": image.numpy(), "stage1": stage1.numpy()})
     np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4)

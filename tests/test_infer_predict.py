@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import zarr
 
 from meunet.data.normalization import Normalization
 from meunet.errors import InputError
-from meunet.infer import Input, SlidingWindow, predict
+from meunet.infer import Input, Predictor, PredictSettings, SlidingWindow, predict
 from meunet.infer.window import labels_from_scores
 from meunet.io import Volume, open_volume, read_volume, write_volume
 from meunet.models import Cascade, MeUNet, UNet3D, load_model_dir, save_model_dir
@@ -253,6 +254,57 @@ def test_cli_predict_and_bad_input_lines(cli, models, tmp_path):
             and message in result.stderr
         )
     assert not (tmp_path / "a.npy").exists()
+
+
+@pytest.mark.parametrize("model", ["single", "post"])
+def test_predictor_built_once_serves_two_inputs_as_predict_does(models, tmp_path, monkeypatch, model):
+    import meunet.models
+
+    loads = []
+    original = meunet.models.load_model_dir
+    monkeypatch.setattr(meunet.models, "load_model_dir", lambda *a: loads.append(a) or original(*a))
+    images = [_image(tmp_path / f"image{i}.npy", seed=i) for i in (0, 1)]
+    predictor = Predictor(models[model], PredictSettings(overlap=0.25))
+    assert predictor.settings.window == (16, 16, 16) and len(loads) == 1
+    for i, image in enumerate(images):
+        predictor.predict(image, tmp_path / f"once{i}.npy", progress=False)
+        predict(models[model], image, tmp_path / f"each{i}.npy", overlap=0.25, progress=False)
+        once, each = (np.load(tmp_path / f"{k}{i}.npy") for k in ("once", "each"))
+        assert len(np.unique(once)) > 1 or model == "post"  # the random cascade predicts background
+        np.testing.assert_array_equal(once, each)
+        np.testing.assert_array_equal(predictor.labels(np.load(image)), each)
+    assert len(loads) == 3  # the predictor's, and one per predict() call
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("overlap", 1.5, "overlap must lie in [0, 1)"),
+        ("blend", "median", "unknown blend 'median'"),
+        ("precision", "fp8", "precision must be one of"),
+        ("window", (0, 16, 16), "window must be three positive sizes"),
+    ],
+)
+def test_invalid_settings_are_one_input_error_line(cli, models, tmp_path, option, value, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        PredictSettings(**{option: value})
+    image = _image(tmp_path / "image.npy")
+    words = [str(v) for v in value] if option == "window" else [str(value)]
+    result = cli(
+        "predict", models["single"], image, tmp_path / "a.npy", f"--{option}", *words, "--no-progress"
+    )
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: settings: ") and message in result.stderr
+    assert not (tmp_path / "a.npy").exists()
+
+
+def test_probabilities_keep_the_inputs_geometry(models, tmp_path):
+    image = _image(tmp_path / "image.nii.gz")
+    predict(models["single"], image, tmp_path / "l.npy", probabilities=tmp_path / "p.zarr", progress=False)
+    probs = zarr.open_array(tmp_path / "p.zarr", mode="r")
+    assert probs.shape == (3, 40, 20, 24) and probs.dtype == np.float16
+    assert probs.attrs["meunet"]["spacing"] == [0.5, 0.25, 0.25]
+    np.testing.assert_allclose(probs[...].astype(np.float32).sum(axis=0), 1, atol=3e-3)
 
 
 def test_predict_refuses_a_nan_voxel_naming_the_input(models, tmp_path):

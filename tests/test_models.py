@@ -176,7 +176,7 @@ def test_model_dir_round_trip(tmp_path):
     bundle = load_model_dir(tmp_path / "m")
     assert bundle.classes == meta["classes"]
     assert bundle.meta["stage2"]["fusion"] == "post"
-    assert not bundle.stage1.training and not bundle.stage2.training
+    assert not bundle.stage1.training and not bundle.cascade.training
     image = torch.randn(1, 1, 24, 24, 24)
     with torch.no_grad():
         torch.testing.assert_close(bundle.net(image), cascade(image))
@@ -184,7 +184,7 @@ def test_model_dir_round_trip(tmp_path):
         save_model_dir(tmp_path / "m", meta, cascade.stage1)
     save_model_dir(tmp_path / "m", meta, cascade.stage1, force=True)
     bundle = load_model_dir(tmp_path / "m")
-    assert bundle.stage2 is None and not (tmp_path / "m" / "stage2.pt").exists()
+    assert bundle.cascade is None and not (tmp_path / "m" / "stage2.pt").exists()
     with torch.no_grad():
         torch.testing.assert_close(bundle.net(image), cascade.stage1(image))
 

@@ -153,7 +153,7 @@ def test_both_stages_with_cached_stage1_probabilities(volumes, tmp_path):
     assert cache.shape == (3, 32, 32, 32) and cache.dtype == np.float16
     assert np.allclose(np.asarray(cache[:, :4]).astype(np.float32).sum(0), 1, atol=3e-3)
     bundle = load_model_dir(out)
-    assert bundle.stage2 is not None and bundle.meta["stage2"]["fusion"] == "pre"
+    assert bundle.cascade is not None and bundle.meta["stage2"]["fusion"] == "pre"
     assert {line.split(",")[0] for line in (out / "train_log.csv").read_text().splitlines()[1:]} == {"1", "2"}
     written = (out / "stage1_cache" / "train_0.json").stat().st_mtime_ns
     train(parse_config({**config, "stages": 2}, "cfg"), force=True)  # stage 2 again: the cache is reused
@@ -257,9 +257,8 @@ def test_examples_are_valid_configurations():
 def test_stage2_trains_on_out_of_fold_stage1_output(tmp_path, monkeypatch):
     import meunet.train.pipeline as pipeline
     from meunet.data.normalization import Normalization
-    from meunet.infer import SlidingWindow, predict_stage1
+    from meunet.infer import SlidingWindow, image_input, predict_stage1
     from meunet.models import Cascade, MeUNet, UNet3D
-    from meunet.train.inference import image_input
 
     parts = [_phantom(i) for i in (0, 1)]  # one scan of 64 slices with a ball in each half
     image, labels = (np.concatenate([p[k] for p in parts]) for k in (0, 1))
@@ -327,7 +326,7 @@ def test_the_cascade_is_kept_only_if_it_validates_better(volumes, tmp_path, monk
     stage2_score = load(out / "checkpoint_stage2.pt")["progress"]["best_score"]
     assert stage2_score < 0.9  # the tiny cascade is far from perfect
     meta = json.loads((out / "model.json").read_text())
-    assert (load_model_dir(out).stage2 is not None) == kept == (out / "stage2.pt").exists()
+    assert (load_model_dir(out).cascade is not None) == kept == (out / "stage2.pt").exists()
     assert (out / "stage2_rejected.pt").exists() != kept
     if not kept:
         assert meta["stage2_rejected"] == {

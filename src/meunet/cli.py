@@ -15,9 +15,10 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from meunet import __version__, allocator_tunables
+from meunet import __version__
+from meunet.allocator import allocator_tunables
 from meunet.errors import InputError
-from meunet.io import atomic_output, check_new_output
+from meunet.io import atomic_output, check_new_output, write_json
 
 
 class _Group(TyperGroup):
@@ -202,7 +203,9 @@ def synth_from_labels(
     typer.echo(f"wrote {path}")
 
 
-bench_app = typer.Typer(help="Measurements of design section 4 (memory, speed).", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Measurements of memory and speed (docs/method.md, section 7).", no_args_is_help=True
+)
 app.add_typer(bench_app, name="bench")
 
 
@@ -221,7 +224,6 @@ def bench_memory(
     force: bool = typer.Option(False, "--force", help="Overwrite existing --json / --plot files."),
 ) -> None:
     """Memory of one training step (forward, W_D loss, backward): baselines, meU-net, cascades."""
-    import json
 
     for out in (json_file, plot):
         if out is not None:
@@ -239,15 +241,14 @@ def bench_memory(
 
     import torch
 
-    from meunet.bench import StepSetting, format_table, measure_memory, plot_memory
+    from meunet.memory import StepSetting, format_table, measure_memory, plot_memory
 
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device", "CUDA is not available on this machine")
     records = measure_memory(StepSetting(patch, context_scale, batch, tuple(width_list), precision, device))
     typer.echo(format_table(records))
     if json_file is not None:
-        with atomic_output(json_file) as tmp:
-            tmp.write_text(json.dumps(records, indent=1) + "\n")
+        write_json(json_file, records, indent=1)
     if plot is not None:
         with atomic_output(plot) as tmp:
             plot_memory(records, tmp)
@@ -357,7 +358,7 @@ def predict_command(
         ..., help="Labels to write (uint8, the input's geometry); suffix = format."
     ),
     overlap: float = typer.Option(0.5, "--overlap", help="Fraction of the window shared by neighbours."),
-    blend: str = typer.Option("gaussian", "--blend", help="gaussian, constant, or vote (notebook's)."),
+    blend: str = typer.Option("gaussian", "--blend", help="gaussian, constant, or vote (paper's code)."),
     window: tuple[int, int, int] | None = typer.Option(
         None, "--window", metavar="Z Y X", help="Window size (default: the model's)."
     ),
@@ -390,29 +391,28 @@ def predict_command(
     ),
 ) -> None:
     """Segment a volume in bounded memory: sliding windows streamed along z, labels written slab by slab."""
+    from meunet.infer import Predictor, PredictSettings
+
+    settings = PredictSettings(
+        window, overlap, blend, batch, device, precision, skip_empty, air_threshold, tta, not no_postprocess
+    )
     if dask is not None:
         from meunet.distributed import predict_distributed
 
         if probabilities is not None:
             raise InputError(probabilities, "--probabilities is not available with --dask")
         for s in predict_distributed(
-            model_dir, input, output, dask, overlap=overlap, blend=blend, window=window, batch=batch,
-            device=device, precision=precision, skip_empty=skip_empty, air_threshold=air_threshold, tta=tta,
-            stats_json=stats_json, progress=not no_progress, force=force, resume=resume,
-            postprocess=not no_postprocess,
+            model_dir, input, output, dask, settings, stats_json=stats_json, progress=not no_progress,
+            force=force, resume=resume,
         ):  # fmt: skip
             typer.echo(
                 f"wrote {s['output']}: {s['blocks']} blocks ({s['blocks_reused']} from an earlier run), "
                 f"{s['windows']} windows ({s['windows_skipped']} skipped), {s['seconds']:.1f} s"
             )
         return
-    from meunet.infer import predict
-
-    stats = predict(
-        model_dir, input, output, overlap=overlap, blend=blend, window=window, batch=batch, device=device,
-        precision=precision, skip_empty=skip_empty, air_threshold=air_threshold, tta=tta,
-        probabilities=probabilities, stats_json=stats_json, progress=not no_progress, force=force,
-        resume=resume, postprocess=not no_postprocess,
+    stats = Predictor(model_dir, settings).predict(
+        input, output, probabilities=probabilities, stats_json=stats_json, progress=not no_progress,
+        force=force, resume=resume,
     )  # fmt: skip
     typer.echo(
         f"wrote {output}: {stats['voxels']} voxels in {stats['seconds']:.1f} s "
@@ -496,8 +496,8 @@ def demo_command(
 
 def main() -> None:
     """Console-script entry point: where ``GLIBC_TUNABLES`` is not set and
-    :func:`meunet.allocator_tunables` gives a value, the program is started again with it (setting the
-    variable, even to nothing, keeps yours)."""
+    :func:`meunet.allocator.allocator_tunables` gives a value, the program is started again with it (setting
+    the variable, even to nothing, keeps yours)."""
     if "GLIBC_TUNABLES" not in os.environ and (tunables := allocator_tunables()) is not None:
         os.environ["GLIBC_TUNABLES"] = tunables
         os.execv(sys.executable, [sys.executable, "-m", "meunet.cli", *sys.argv[1:]])

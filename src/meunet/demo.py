@@ -4,7 +4,7 @@ Generate a small synthetic fly set (:func:`meunet.synth.generate_dataset`), trai
 stage 2 (post-concatenation) with narrow widths (:func:`meunet.train.train`), predict the held-out test volume
 (:func:`meunet.infer.predict`), evaluate it (:func:`meunet.metrics.evaluate`, with the overlay picture),
 measure the activation memory of one training step at the demo's settings and at paper scale
-(:func:`meunet.bench.measure_memory` on the ``meta`` device), and write ``report.md`` and ``report.html``.
+(:func:`meunet.memory.measure_memory` on the ``meta`` device), and write ``report.md`` and ``report.html``.
 
 Output folder layout: ``data/`` (volumes, ``dataset.json``), ``model/`` (the model directory with
 ``curves.png``), ``prediction.nii.gz``, ``evaluation.json``, ``overlay.png``, ``memory.json``, ``demo.json``
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from meunet.errors import InputError
+from meunet.io import write_json
 
 OUTPUTS = (
     "data",
@@ -46,7 +47,7 @@ class DemoSettings:
         shape: (z, y, x) of each synthetic volume.
         count: volumes; the last is the test volume, the one before it validates, the rest train.
         widths: five encoder widths of both stages.
-        patch: local patch side; the context side is 1.5 times it.
+        patch: local patch side; the context side is :func:`meunet.models.context_side` of it.
         batch: patches per step.
         learning_rate: Adam's step size.
         iterations: training steps of stage 1 and of stage 2.
@@ -69,7 +70,7 @@ QUICK = DemoSettings((128, 64, 64), 5, (8, 16, 32, 32, 32), 32, 4, 2e-3, (150, 5
 
 def train_mapping(out: Path, dataset: Path, settings: DemoSettings, progress: bool, seed: int = 0) -> dict:
     """The ``meunet train`` configuration (see ``docs/config.md``) of a demo run, as a mapping, without the
-    stage and its iteration limits (see :func:`stage_mapping`).
+    stage and its iteration limits (see :func:`meunet.train.config.stage_mapping`).
 
     The volumes of ``dataset`` (a ``dataset.json``) are split as :class:`DemoSettings` says: the last one is
     left out (the test volume), the one before it validates, the rest train.
@@ -94,14 +95,6 @@ def train_mapping(out: Path, dataset: Path, settings: DemoSettings, progress: bo
             "progress": progress,
         },
     }
-
-
-def stage_mapping(mapping: dict, stage: int, iterations: int, validations: int) -> dict:
-    """``mapping`` for training only ``stage`` (1, or 2 on top of the stage 1 already in the output) for
-    ``iterations`` steps, validated ``validations`` times (evenly spaced, the last at the end)."""
-    every = max(1, iterations // validations)
-    training = {**mapping["training"], "max_iterations": iterations, "validate_every": every}
-    return {**mapping, "stages": str(stage), "training": training}
 
 
 def _prepare(out: Path, force: bool) -> None:
@@ -139,11 +132,12 @@ def run_demo(
     Raises:
         InputError: ``out`` is a file, or not empty and ``force`` is not given.
     """
-    from meunet.bench import StepSetting, measure_memory
     from meunet.infer import predict
+    from meunet.memory import StepSetting, measure_memory
     from meunet.metrics import evaluate
     from meunet.synth import generate_dataset
     from meunet.train import parse_config, train
+    from meunet.train.config import stage_mapping
 
     out = Path(out)
     settings = QUICK if quick else FULL
@@ -178,7 +172,7 @@ def run_demo(
         ),
         "paper": measure_memory(StepSetting(device="meta")),
     }
-    (out / "memory.json").write_text(json.dumps(memory, indent=1) + "\n")
+    write_json(out / "memory.json", memory, indent=1)
     seconds["total"] = time.perf_counter() - start
     dice = {c["name"]: c["dice"] for c in evaluation["classes"]}
     summary = {
@@ -191,7 +185,7 @@ def run_demo(
     }
     report, page = _report(out, summary, evaluation, memory)
     summary.update(report=str(report), report_html=str(page))
-    (out / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(out / "demo.json", summary, indent=1)
     return summary
 
 
@@ -223,6 +217,7 @@ def _missed(evaluation: dict) -> str:
 
 def _report(out: Path, summary: dict, evaluation: dict, memory: dict) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` of a finished demo."""
+    from meunet.models import context_side
     from meunet.report import Picture, Table, memory_table, write_report
 
     s, t = summary["settings"], summary["seconds"]
@@ -248,7 +243,7 @@ def _report(out: Path, summary: dict, evaluation: dict, memory: dict) -> tuple[P
         ],
     )
     timing = Table(("step", "seconds"), [(k, f"{v:.0f}") for k, v in t.items()])
-    context = round(s["patch"] * 1.5)
+    context = context_side(s["patch"])
     sections = [
         (
             "What was run",

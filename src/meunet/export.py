@@ -105,7 +105,7 @@ def export(
     tile = tuple(-(-int(w) // MULTIPLE) * MULTIPLE for w in meta.get("window") or (96, 96, 96))
     raw = _test_window(sample, tile, normalization)
     whole = ProbabilityNet(meta["stage1"], meta.get("stage2"))
-    whole.net.load_state_dict((bundle.stage2 or bundle.stage1).state_dict())
+    whole.net.load_state_dict((bundle.cascade or bundle.stage1).state_dict())
     image = torch.from_numpy(normalization.apply(raw)[None, None])
     with atomic_output(output, force) as tmp:
         work = tmp if fmt == "onnx" else tmp.with_name(f"{tmp.name}.files")  # the zip's files, then removed
@@ -113,10 +113,10 @@ def export(
         checks = {"model.onnx": _onnx(whole, (image,), ["image"], "probabilities", work / "model.onnx")}
         if fmt == "onnx":
             checks["stage1.onnx"] = _onnx(bundle.stage1, (image,), ["image"], "logits", work / "stage1.onnx")
-            if bundle.stage2 is not None:
-                stage1_out = bundle.stage2.stage1_forward(image)
+            if bundle.cascade is not None:
+                stage1_maps = bundle.cascade.stage1_forward(image)
                 checks["stage2.onnx"] = _onnx(
-                    bundle.stage2, (image, stage1_out), ["image", "stage1"], "logits", work / "stage2.onnx"
+                    bundle.cascade, (image, stage1_maps), ["image", "stage1"], "logits", work / "stage2.onnx"
                 )
             summary = {"format": fmt, "window": list(tile), "checks": checks, "model": meta}
             (work / "export.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -7,7 +7,6 @@ a one-slice halo, so only surfaces (not volumes or bounding boxes) are ever held
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from meunet.errors import InputError
-from meunet.io import atomic_output, check_new_output
+from meunet.io import check_new_output, write_json
 
 
 def confusion_matrix(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
@@ -235,6 +234,10 @@ def evaluate(
     Raises:
         InputError: unreadable volumes, different shapes, fractional or out-of-range labels, existing
             outputs.
+
+    >>> result = evaluate(labels_path, labels_path, class_names=["background", "gut", "crop"])
+    >>> [(c["name"], c["dice"]) for c in result["classes"]]
+    [('background', 1.0), ('gut', 1.0), ('crop', 1.0)]
     """
     from meunet.io import open_volume
 
@@ -262,8 +265,7 @@ def evaluate(
         c = entry["label"]
         entry["name"] = class_names[c] if class_names is not None else f"label {c}"
     if json_file is not None:
-        with atomic_output(json_file) as tmp:
-            tmp.write_text(json.dumps(_finite_or_none(result), indent=2) + "\n")
+        write_json(json_file, _finite_or_none(result))
     if overlay is not None:
         from meunet.report import save_overlay
 

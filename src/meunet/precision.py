@@ -12,6 +12,7 @@ True
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from functools import cache
 
 import torch
@@ -50,3 +51,11 @@ def resolve_precision(name: str, device: str | torch.device) -> str:
 def autocast_dtype(name: str) -> torch.dtype | None:
     """The autocast dtype of a resolved precision (None for fp32)."""
     return AUTOCAST[name]
+
+
+def autocast(name: str, device: str | torch.device) -> AbstractContextManager:
+    """``torch.autocast`` of a resolved precision on ``device``; nothing for fp32 and on ``meta`` (where
+    autocast does not exist)."""
+    kind = torch.device(device).type
+    dtype = AUTOCAST[name]
+    return nullcontext() if dtype is None or kind == "meta" else torch.autocast(kind, dtype=dtype)

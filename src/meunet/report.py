@@ -235,7 +235,7 @@ def write_report(
 
 
 def memory_table(records: Sequence[dict[str, Any]]) -> Table:
-    """Table of :func:`meunet.bench.measure_memory` records: parameters, activation and peak MiB, step s."""
+    """Table of :func:`meunet.memory.measure_memory` records: parameters, activation and peak MiB, step s."""
 
     def mib(value: float | None) -> str:
         return "-" if value is None else f"{value / 2**20:,.1f}"

@@ -19,6 +19,7 @@ from meunet.data.normalization import Normalization
 from meunet.data.sampling import PatchIndex, Shape3
 from meunet.errors import InputError
 from meunet.io import iter_slabs
+from meunet.models.cascade import stage1_fill
 
 
 def read_padded(array, start: Sequence[int], size: Sequence[int], fill: float | np.ndarray = 0) -> np.ndarray:
@@ -168,7 +169,6 @@ class PatchDataset(torch.utils.data.Dataset):
             sample[prefix + "label"] = torch.from_numpy(label)
         if "stage1" in arrays:
             probs = arrays["stage1"]
-            background = np.zeros((probs.shape[0], 1, 1, 1), dtype=probs.dtype)
-            background[0] = 1
+            background = np.reshape(stage1_fill(probs.shape[0]), (-1, 1, 1, 1)).astype(probs.dtype)
             sample["stage1"] = torch.from_numpy(read_padded(probs, start, self.patch, background))
         return sample

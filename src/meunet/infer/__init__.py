@@ -1,17 +1,23 @@
 """Streaming sliding-window prediction with bounded host memory, and cascade inference.
 
 - :class:`SlidingWindow` (``meunet.infer.window``): the engine, usable on any network and any lazily
-  sliceable volume; yields blended output slab by slab along z.
-- :func:`predict` (``meunet.infer.predict``): a model directory applied to a volume file, streamed to disk;
-  :func:`predict_stage1` writes a cascade's stage-1 output (prediction, and stage-2 training caches).
+  sliceable volume; yields blended output slab by slab along z, over its own window grid or given starts.
+- :class:`Predictor` (``meunet.infer.predict``): a model directory loaded and checked once with
+  :class:`PredictSettings`, applied to files (:meth:`Predictor.predict`), arrays (:meth:`Predictor.labels`)
+  and the blocks of a Dask run (:meth:`Predictor.block`); :func:`predict` is one file's shortcut.
+- The cascade's stage-1 input, one implementation for training caches, files and blocks:
+  :func:`stage1_slabs` computes it, :func:`predict_stage1` writes it to Zarr, :func:`stage1_input` pads it.
 """
 
 from meunet.infer.predict import (
-    ProbabilityWriter,
+    Predictor,
+    PredictSettings,
     estimate_peak_bytes,
-    peak_rss_bytes,
+    image_input,
     predict,
     predict_stage1,
+    stage1_input,
+    stage1_slabs,
 )
 from meunet.infer.window import (
     Input,
@@ -21,19 +27,24 @@ from meunet.infer.window import (
     labels_from_scores,
     softmax_,
     window_starts,
+    windows_over,
 )
 
 __all__ = [
     "Input",
-    "ProbabilityWriter",
+    "PredictSettings",
+    "Predictor",
     "SlidingWindow",
     "WindowCounts",
     "estimate_peak_bytes",
+    "image_input",
     "importance_map",
     "labels_from_scores",
-    "peak_rss_bytes",
     "predict",
     "predict_stage1",
     "softmax_",
+    "stage1_input",
+    "stage1_slabs",
     "window_starts",
+    "windows_over",
 ]

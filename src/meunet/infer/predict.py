@@ -2,21 +2,21 @@
 
 :func:`predict` is the ``meunet predict`` command as a function. Host memory is that of the engine
 (:mod:`meunet.infer.window`) plus one output chunk: labels are written slab by slab through
-:func:`meunet.io.create_writer`, class probabilities through :class:`ProbabilityWriter`, and a cascade's
+:func:`meunet.io.create_writer`, class probabilities through its per-channel Zarr writer, and a cascade's
 stage-1 output goes to a temporary float16 Zarr beside the output instead of RAM.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import resource
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,65 +27,294 @@ import zarr
 
 from meunet.data.normalization import Normalization
 from meunet.errors import InputError
-from meunet.infer.postprocess import postprocess_slabs
-from meunet.infer.window import Input, SlidingWindow, WindowCounts, label_dtype, labels_from_scores
-from meunet.io import Volume, VolumeWriter, atomic_output, check_new_output, create_writer, open_volume
+from meunet.infer.postprocess import apply_rules, postprocess_slabs
+from meunet.infer.window import (
+    Input,
+    Region,
+    SlidingWindow,
+    WindowCounts,
+    check_settings,
+    label_dtype,
+    labels_from_scores,
+    windows_over,
+    within,
+)
+from meunet.io import Volume, VolumeWriter, check_new_output, create_writer, open_volume, write_json
+from meunet.memory import peak_rss_bytes
+from meunet.models.cascade import stage1_fill
 
 SKIP_MARGIN = 10.0  # a skipped window's logits: 0 for background, -SKIP_MARGIN for the others
 ACTIVATION_FACTOR = 9  # inference activations ~ this x top width x window voxels x 4 bytes (measured, CPU)
 RUNTIME_BYTES = 192 << 20  # thread pools and allocator caches that forward passes and writers add
 
 
-class ProbabilityWriter(VolumeWriter):
-    """Float16 per-class maps (C, Z, Y, X) in one Zarr v3 array, chunks (C, 64, 64, 64), slabs
-    (C, dz, Y, X); temporary name, rename and resume as :func:`meunet.io.create_writer`'s writers.
+@dataclass(frozen=True)
+class PredictSettings:
+    """How a model is applied to volumes; checked when made.
 
-    Args:
-        path: output ``.zarr`` folder.
-        shape: (Z, Y, X).
-        channels: C.
-        force: overwrite an existing output.
-        resume: continue a partial output of an earlier run.
+    Attributes:
+        window: (z, y, x) window; None takes ``model.json``'s ``window``.
+        overlap, blend, batch, device, precision, tta: see :class:`SlidingWindow`.
+        skip_empty: skip windows whose raw intensities all lie below ``air_threshold`` (default: one third
+            of the way from the normalisation's ``clip_low`` to ``clip_high``); a skipped window counts as
+            certain background (logits 0 for background, -10 for the other classes).
+        air_threshold: see ``skip_empty``.
+        postprocess: apply ``model.json``'s post-processing rules (:mod:`meunet.infer.postprocess`, chosen
+            on validation by training).
+
+    Raises:
+        InputError: a window, overlap, blend, batch, precision or air threshold out of range (one line).
+
+    >>> PredictSettings(overlap=0.25).overlap
+    0.25
+    >>> PredictSettings(blend="median")
+    Traceback (most recent call last):
+    meunet.errors.InputError: settings: unknown blend 'median'; use gaussian, constant or vote
     """
 
-    resumable = True
+    window: tuple[int, int, int] | None = None
+    overlap: float = 0.5
+    blend: str = "gaussian"
+    batch: int = 1
+    device: str = "cpu"
+    precision: str = "auto"
+    skip_empty: bool = False
+    air_threshold: float | None = None
+    tta: bool = False
+    postprocess: bool = True
 
-    def __init__(self, path, shape: Sequence[int], channels: int, force: bool = False, resume: bool = False):
-        path = Path(path)
-        check_new_output(path, force)
-        if not path.name.endswith(".zarr"):
-            raise InputError(path, "probabilities are written as Zarr: give a name ending in .zarr")
-        geometry = Volume(np.broadcast_to(np.zeros((), np.float16), tuple(shape)))
-        super().__init__(path, geometry, tuple(min(64, n) for n in shape), resume, force)
-        self.channels = channels
-        self.z_chunk = self.chunks[0]
+    def __post_init__(self) -> None:
+        window = None if self.window is None else tuple(int(w) for w in self.window)
+        object.__setattr__(self, "window", window)
+        try:
+            check_settings(window or (1, 1, 1), self.overlap, self.blend, self.batch, self.precision)
+        except ValueError as exc:
+            raise InputError("settings", str(exc)) from None
+        if self.air_threshold is not None and not math.isfinite(self.air_threshold):
+            raise InputError("settings", f"air threshold must be finite, got {self.air_threshold}")
 
-    def _create(self) -> dict:
-        self.array = zarr.create_array(
-            self.target,
-            shape=(self.channels, *self.shape),
-            chunks=(self.channels, *self.chunks),
-            dtype=np.float16,
-            zarr_format=3,
-            dimension_names=("c", "z", "y", "x"),
-        )
-        return {"channels": self.channels}
 
-    def _reopen(self, state: dict) -> None:
-        if state.get("channels") != self.channels:
+class Predictor:
+    """A model directory loaded and checked once, with fixed settings, then applied to any number of volumes:
+    :meth:`predict` streams a file to a file, :meth:`labels` an array to labels in memory, :meth:`block` one
+    block of a Dask run (:mod:`meunet.distributed`). All three run the same windows with the same weights,
+    so a voxel gets the same label from each.
+
+    Args:
+        model_dir: directory written by training (``model.json``, ``stage1.pt``, optional ``stage2.pt``),
+            loaded onto ``settings.device``.
+        settings: how to apply it.
+
+    Attributes:
+        settings: ``settings`` with ``window`` filled in from ``model.json``.
+        bundle: the loaded model directory; engine: the sliding-window engine; normalization: the model's;
+        skip: the :meth:`SlidingWindow.stream` arguments that skip air windows (empty unless ``skip_empty``);
+        rules: the post-processing rules to apply (empty when ``postprocess`` is off).
+
+    Raises:
+        InputError: missing or corrupt model directory, a model without one input channel, no window, no
+            valid normalisation, or a device torch cannot use.
+
+    >>> predictor = Predictor(model_dir, PredictSettings(overlap=0.25))
+    >>> stats = predictor.predict(image_path, tmp / "a.nii.gz", progress=False)
+    >>> stats = predictor.predict(image_path, tmp / "b.nii.gz", progress=False)
+    >>> bool((read_volume(tmp / "a.nii.gz").array == read_volume(tmp / "b.nii.gz").array).all())
+    True
+    """
+
+    def __init__(self, model_dir: str | os.PathLike[str], settings: PredictSettings = PredictSettings()):
+        from meunet.models import load_model_dir
+
+        model_json = Path(model_dir) / "model.json"
+        _check_device(settings.device)
+        self.bundle = bundle = load_model_dir(model_dir, settings.device)
+        if bundle.meta["in_channels"] != 1:
             raise InputError(
-                self.path, f"the partial output has {state.get('channels')} channels, not {self.channels}"
+                model_json, f"the model expects {bundle.meta['in_channels']} input channels, not 1"
             )
-        self.array = zarr.open_array(self.target, mode="r+")
+        window = settings.window or bundle.meta.get("window")
+        if window is None:
+            raise InputError(model_json, "no default 'window': give one (--window Z Y X)")
+        self.settings = s = replace(settings, window=tuple(window))
+        self.engine = SlidingWindow(s.window, s.overlap, s.blend, s.batch, s.device, s.precision, s.tta)
+        try:
+            self.normalization = Normalization.from_dict(bundle.meta["normalization"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(model_json, f"no valid 'normalization' ({exc!r})") from None
+        self.n_classes = len(bundle.classes)
+        self.skip = (
+            _skip_settings(self.normalization, self.n_classes, s.air_threshold) if s.skip_empty else {}
+        )
+        self.rules = (bundle.meta.get("postprocessing") or {}) if s.postprocess else {}
 
-    def write(self, z0: int, slab: np.ndarray) -> None:
-        """Write ``slab`` (C, dz, Y, X) at slices ``z0 : z0 + dz``."""
-        if slab.ndim != 4 or slab.shape[0] != self.channels or slab.shape[2:] != self.shape[1:]:
-            raise ValueError(f"slab of shape {slab.shape} does not fit ({self.channels}, *{self.shape})")
-        self.array[:, z0 : z0 + slab.shape[1]] = slab.astype(np.float16, copy=False)
-        self._done[z0 : z0 + slab.shape[1]] = True
-        self._log.write(f"[{z0}, {z0 + slab.shape[1]}]\n")
-        self._log.flush()
+    def image(self, array, path: str | os.PathLike[str] | None = None) -> Input:
+        """The engine input of a raw (Z, Y, X) image (``path`` names it in a non-finite voxel's error)."""
+        return image_input(array, self.normalization, path)
+
+    def predict(
+        self,
+        input: str | os.PathLike[str],
+        output: str | os.PathLike[str],
+        *,
+        probabilities: str | os.PathLike[str] | None = None,
+        stats_json: str | os.PathLike[str] | None = None,
+        progress: bool = True,
+        force: bool = False,
+        resume: bool = False,
+    ) -> dict[str, Any]:
+        """Segment a volume file and write labels (uint8, uint16 beyond 256 classes) in the input's geometry.
+
+        Args:
+            input: image volume, any format :func:`meunet.io.open_volume` reads (read lazily, slab by slab).
+            output: label volume to write (format from the suffix); written under a temporary name and
+                renamed. With post-processing rules the raw labels first go to a Zarr scratch beside the
+                output and are post-processed slab by slab into it, in bounded memory.
+            probabilities: also write float16 class probabilities (C, Z, Y, X) to this ``.zarr``.
+            stats_json: write ``voxels, seconds, voxels_per_second, peak_rss_bytes, windows,
+                windows_skipped``.
+            progress: print the memory estimate and show progress bars.
+            force: overwrite existing outputs, and run even if the memory estimate exceeds available memory.
+            resume: continue the partial output of an interrupted run with the same model and settings
+                (formats the writers can resume, e.g. Zarr); the labels equal those of an uninterrupted run.
+
+        Returns:
+            the statistics (also written to ``stats_json``), plus ``estimated_peak_bytes`` and
+            ``postprocessing`` (the rules applied).
+
+        Raises:
+            InputError: unreadable input, existing output without ``force``, or an estimate above available
+                memory.
+        """
+        start = time.perf_counter()
+        output = Path(output)
+        for path in (output, probabilities, stats_json):
+            if path is not None:
+                check_new_output(path, force)
+        volume = open_volume(input)
+        engine, n_classes, rules = self.engine, self.n_classes, self.rules
+        estimate = estimate_peak_bytes(self.bundle, engine, volume, probabilities is not None)
+        _check_memory(
+            input, estimate, force, progress, f"{tuple(volume.array.shape)} voxels, window {engine.window}"
+        )
+        image = self.image(volume.array, input)
+        shape = tuple(volume.array.shape)
+        counts = WindowCounts()
+        # raw labels to be post-processed: a fixed name, so that --resume finds them
+        raw = output.parent / f".{output.name}.raw.zarr" if rules else output
+        with ExitStack() as stack:
+            writers = [
+                stack.enter_context(
+                    create_writer(
+                        raw, shape, label_dtype(n_classes), volume, force=force or bool(rules), resume=resume
+                    )
+                )
+            ]
+            if probabilities is not None:
+                writer = create_writer(
+                    probabilities, shape, np.float16, volume, force=force, resume=resume, channels=n_classes
+                )
+                writers.append(stack.enter_context(writer))
+            align = math.lcm(*(w.z_chunk for w in writers))
+            start_z = _written_prefix(writers, align)
+            # a fixed name, so that the next run clears what a killed run left
+            scratch = output.parent / f".{output.name}.stage1.zarr"
+            scores = self._stream(stack, image, scratch, start_z, counts, progress)
+            for z0, slabs in _aligned(_outputs(engine, scores, probabilities is not None), align, shape[0]):
+                for writer, slab in zip(writers, slabs, strict=True):
+                    writer.write(z0, slab)
+        if rules:
+            with create_writer(output, shape, label_dtype(n_classes), volume, force=force) as writer:
+                slabs = ((z, (s,)) for z, s in postprocess_slabs(open_volume(raw).array, rules))
+                for z0, (slab,) in _aligned(slabs, writer.z_chunk, shape[0]):
+                    writer.write(z0, slab)
+            shutil.rmtree(raw)
+        seconds = time.perf_counter() - start
+        voxels = math.prod(shape)
+        stats = {
+            "voxels": voxels,
+            "seconds": seconds,
+            "voxels_per_second": voxels / seconds,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "windows": counts.windows,
+            "windows_skipped": counts.skipped,
+            "estimated_peak_bytes": estimate,
+            "postprocessing": rules,
+        }
+        if stats_json is not None:
+            write_json(stats_json, stats)
+        return stats
+
+    def labels(self, array, counts: WindowCounts | None = None) -> np.ndarray:
+        """Labels (Z, Y, X) of a raw image array (numpy, or lazy slicing to numpy) in memory, post-processed
+        (a cascade's stage-1 output goes to a temporary Zarr); ``counts`` gets the windows visited."""
+        out = np.empty(tuple(array.shape), label_dtype(self.n_classes))
+        with ExitStack() as stack:
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meunet-"))) / "stage1.zarr"
+            for z0, scores in self._stream(stack, self.image(array), scratch, 0, counts, False):
+                out[z0 : z0 + scores.shape[1]] = labels_from_scores(scores)
+        return apply_rules(out, self.rules) if self.rules else out
+
+    def block(self, image, core: Region, counts: WindowCounts | None = None) -> np.ndarray:
+        """Labels of one block of a volume, identical to those :meth:`predict` gives there.
+
+        The block runs exactly the windows the whole volume's grid places over ``core``, in the same order
+        and with the same weights; a cascade's block first runs stage 1 on the windows over its stage-2
+        region, so its stage-1 input is identical too. Post-processing is not applied (it needs the whole
+        volume).
+
+        Args:
+            image: the whole raw (Z, Y, X) image, numpy or lazy (sliced on all three axes; only the block and
+                its halo are read).
+            core: ``[lo, hi)`` per axis of the block.
+            counts: windows visited and skipped are added to it.
+
+        Returns:
+            labels of the core, shape ``(hi - lo)`` per axis.
+        """
+        engine, cascade = self.engine, self.bundle.cascade
+        shape = tuple(image.shape)
+        grid = engine.grid(shape)
+        starts, span = windows_over(grid, engine.window, core, shape)
+        outer_starts, outer = (
+            (starts, span) if cascade is None else windows_over(grid, engine.window, span, shape)
+        )
+        raw = np.asarray(image[tuple(slice(lo, hi) for lo, hi in outer)])
+        inputs = [self.image(raw[within(span, outer)])]
+        if cascade is not None:
+            out = np.empty((cascade.stage1_channels, *(hi - lo for lo, hi in span)), np.float16)
+            (z_lo, z_hi), rows, base = span[0], within(span, outer)[1:], outer[0][0]
+            slabs = stage1_slabs(cascade, self.image(raw), engine, starts=_relative(outer_starts, outer),
+                                 counts=counts, skip=self.skip)  # fmt: skip
+            for z0, slab in slabs:
+                a, b = max(base + z0, z_lo), min(base + z0 + slab.shape[1], z_hi)
+                if b > a:
+                    out[:, a - z_lo : b - z_lo] = slab[:, a - base - z0 : b - base - z0, rows[0], rows[1]]
+            inputs.append(stage1_input(out, cascade.stage1_output))
+        labels = engine.labels(
+            self.bundle.net,
+            inputs,
+            self.n_classes,
+            starts=_relative(starts, span),
+            counts=counts,
+            **self.skip,
+        )
+        return labels[within(core, span)]
+
+    def _stream(self, stack: ExitStack, image: Input, scratch: Path, start_z: int, counts, progress):
+        """The final stage's blended scores from ``start_z`` on; a cascade's stage 1 first goes to
+        ``scratch`` (removed when ``stack`` closes) over the rows that stage 2 still needs."""
+        engine, cascade = self.engine, self.bundle.cascade
+        inputs = [image]
+        if cascade is not None and start_z < image.array.shape[0]:
+            stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+            first_row = min(z for z in engine.grid(image.array.shape)[0] if z + engine.window[0] > start_z)
+            stage1 = predict_stage1(cascade, image, scratch, engine, start_z=first_row, counts=counts,
+                                    progress=progress, force=True, skip=self.skip)  # fmt: skip
+            inputs.append(stage1_input(stage1, cascade.stage1_output))
+        return engine.stream(
+            self.bundle.net, inputs, self.n_classes, start_z=start_z, counts=counts, progress=progress,
+            **self.skip,
+        )  # fmt: skip
 
 
 def predict(
@@ -109,120 +338,21 @@ def predict(
     resume: bool = False,
     postprocess: bool = True,
 ) -> dict[str, Any]:
-    """Segment a volume with a trained model directory and write labels (uint8, uint16 beyond 256 classes) in
-    the input's geometry.
+    """Segment one volume file with a trained model directory: ``Predictor(model_dir, PredictSettings(...))
+    .predict(input, output, ...)`` (see :class:`PredictSettings` for the settings and
+    :meth:`Predictor.predict` for the rest). To segment several volumes, make one :class:`Predictor`.
 
-    Args:
-        model_dir: directory written by training (``model.json``, ``stage1.pt``, optional ``stage2.pt``).
-        input: image volume, any format :func:`meunet.io.open_volume` reads (read lazily, slab by slab).
-        output: label volume to write (format from the suffix); written under a temporary name and renamed.
-        overlap, blend, batch, device, precision, tta: see :class:`SlidingWindow`.
-        window: (z, y, x) window; default ``model.json``'s ``window``.
-        skip_empty: skip windows whose raw intensities all lie below ``air_threshold`` (default: one third
-            of the way from the normalisation's ``clip_low`` to ``clip_high``); a skipped window counts as
-            certain background (logits 0 for background, -10 for the other classes).
-        probabilities: also write float16 class probabilities (C, Z, Y, X) to this ``.zarr``.
-        stats_json: write ``voxels, seconds, voxels_per_second, peak_rss_bytes, windows, windows_skipped``.
-        progress: print the memory estimate and show progress bars.
-        force: overwrite existing outputs, and run even if the memory estimate exceeds available memory.
-        resume: continue the partial output of an interrupted run with the same model and settings
-            (formats the writers can resume, e.g. Zarr); the labels equal those of an uninterrupted run.
-        postprocess: apply ``model.json``'s post-processing rules (:mod:`meunet.infer.postprocess`, chosen
-            on validation by training): the raw labels then go to a Zarr scratch beside the output and are
-            post-processed slab by slab into the output, in bounded memory.
-
-    Returns:
-        the statistics (also written to ``stats_json``), plus ``estimated_peak_bytes``.
-
-    Raises:
-        InputError: missing or corrupt model directory, unreadable input, input channels not matching the
-            model, existing output without ``force``, or an estimate above available memory.
+    >>> stats = predict(model_dir, image_path, tmp / "predicted.nii.gz", skip_empty=True, progress=False)
+    >>> read_volume(tmp / "predicted.nii.gz").array.shape == read_volume(image_path).array.shape
+    True
     """
-    from meunet.models import load_model_dir
-
-    start = time.perf_counter()
-    output = Path(output)
-    for path in (output, probabilities, stats_json):
-        if path is not None:
-            check_new_output(path, force)
-    _check_device(device)
-    bundle = load_model_dir(model_dir, device)
-    volume = open_volume(input)
-    if bundle.meta["in_channels"] != 1:
-        raise InputError(
-            input, f"the model expects {bundle.meta['in_channels']} input channels, the image has 1"
-        )
-    window = window or bundle.meta.get("window")
-    if window is None:
-        raise InputError(Path(model_dir) / "model.json", "no default 'window': give one (--window Z Y X)")
-    try:
-        engine = SlidingWindow(tuple(window), overlap, blend, batch, device, precision, tta)
-    except ValueError as exc:
-        raise InputError("settings", str(exc)) from None
-    try:
-        normalization = Normalization.from_dict(bundle.meta["normalization"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(Path(model_dir) / "model.json", f"no valid 'normalization' ({exc!r})") from None
-    estimate = estimate_peak_bytes(bundle, engine, volume, probabilities is not None)
-    _check_memory(
-        input, estimate, force, progress, f"{tuple(volume.array.shape)} voxels, window {engine.window}"
-    )
-    image = Input(volume.array, normalization.apply, path=str(input))
-    n_classes = len(bundle.classes)
-    skip = _skip_settings(normalization, n_classes, air_threshold) if skip_empty else {}
-    shape = tuple(volume.array.shape)
-    counts = WindowCounts()
-    rules = (bundle.meta.get("postprocessing") or {}) if postprocess else {}
-    # raw labels to be post-processed: a fixed name, so that --resume finds them
-    raw = output.parent / f".{output.name}.raw.zarr" if rules else output
-    with ExitStack() as stack:
-        writers = [
-            stack.enter_context(
-                create_writer(
-                    raw, shape, label_dtype(n_classes), volume, force=force or bool(rules), resume=resume
-                )
-            )
-        ]
-        if probabilities is not None:
-            writer = ProbabilityWriter(probabilities, shape, n_classes, force=force, resume=resume)
-            writers.append(stack.enter_context(writer))
-        align = math.lcm(*(w.z_chunk for w in writers))
-        start_z = _written_prefix(writers, align)
-        inputs = [image]
-        if bundle.stage2 is not None and start_z < shape[0]:
-            # a fixed name, so that the next run clears what a killed run left
-            scratch = output.parent / f".{output.name}.stage1.zarr"
-            stack.callback(shutil.rmtree, scratch, ignore_errors=True)
-            inputs.append(
-                _stage1_input(bundle.stage2, image, scratch, engine, start_z, counts, progress, skip)
-            )
-        scores = engine.stream(
-            bundle.net, inputs, n_classes, start_z=start_z, counts=counts, progress=progress, **skip
-        )
-        for z0, slabs in _aligned(_outputs(engine, scores, probabilities is not None), align, shape[0]):
-            for writer, slab in zip(writers, slabs, strict=True):
-                writer.write(z0, slab)
-    if rules:
-        with create_writer(output, shape, label_dtype(n_classes), volume, force=force) as writer:
-            for z0, slab in _aligned(((z, (s,)) for z, s in postprocess_slabs(open_volume(raw).array, rules)),
-                                     writer.z_chunk, shape[0]):  # fmt: skip
-                writer.write(z0, slab[0])
-        shutil.rmtree(raw)
-    seconds = time.perf_counter() - start
-    voxels = math.prod(shape)
-    stats = {
-        "voxels": voxels,
-        "seconds": seconds,
-        "voxels_per_second": voxels / seconds,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "windows": counts.windows,
-        "windows_skipped": counts.skipped,
-        "estimated_peak_bytes": estimate,
-        "postprocessing": rules,
-    }
-    if stats_json is not None:
-        _write_json(Path(stats_json), stats)
-    return stats
+    settings = PredictSettings(
+        window, overlap, blend, batch, device, precision, skip_empty, air_threshold, tta, postprocess,
+    )  # fmt: skip
+    return Predictor(model_dir, settings).predict(
+        input, output, probabilities=probabilities, stats_json=stats_json, progress=progress, force=force,
+        resume=resume,
+    )  # fmt: skip
 
 
 def _check_device(device: str) -> None:
@@ -258,19 +388,50 @@ def _skip_settings(normalization: Normalization, n_classes: int, air_threshold: 
     return {"skip_below": threshold, "skip_logits": [0.0] + [-SKIP_MARGIN] * (n_classes - 1)}
 
 
-def _stage1_input(
-    cascade, image: Input, scratch: Path, engine, start_z: int, counts, progress, skip
-) -> Input:
-    """Stage 1 over the rows that stage 2 still needs (from the first window reaching past ``start_z``),
-    written to ``scratch``; returned as stage 2's second input, padded as training pads it."""
-    first_row = min(z for z in engine.grid(image.array.shape)[0] if z + engine.window[0] > start_z)
+def _relative(starts: Sequence[Sequence[int]], span: Region) -> list[list[int]]:
+    """Window starts made relative to the array that holds ``span``."""
+    return [[s - lo for s in axis] for axis, (lo, _) in zip(starts, span, strict=True)]
+
+
+# -- the cascade's stage-1 input ----------------------------------------------------------------------------
+def image_input(array, normalization: Normalization, path: str | os.PathLike[str] | None = None) -> Input:
+    """The engine input of a raw (Z, Y, X) image: raw zeros past the border, then normalisation (as training
+    pads its patches); ``path`` names the file in a non-finite voxel's error."""
+    return Input(array, normalization.apply, 0.0, None if path is None else str(path))
+
+
+def stage1_input(array, stage1_output: str = "probs") -> Input:
+    """The engine input of a cascade's (C, Z, Y, X) stage-1 output (cached, or computed for a block), padded
+    past the border as training pads it (:func:`meunet.models.stage1_fill`)."""
+    return Input(array, None, stage1_fill(array.shape[0], stage1_output))
+
+
+def stage1_slabs(
+    cascade,
+    image: Input,
+    engine: SlidingWindow,
+    *,
+    start_z: int = 0,
+    starts: Sequence[Sequence[int]] | None = None,
+    counts: WindowCounts | None = None,
+    progress: bool = False,
+    skip: dict[str, Any] | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """A cascade's stage-1 output as stage 2 consumes it, slab by slab: float16 (C, dz, Y, X).
+
+    With ``cascade.stage1_output == "probs"`` the blended stage-1 logits become softmax probabilities (and
+    ``skip``, :meth:`SlidingWindow.stream`'s ``skip_below`` / ``skip_logits``, applies); with
+    ``"features"`` the blended last-decoder features are given as they are (every window runs).
+    ``start_z``, ``starts``, ``counts``, ``progress``: passed to :meth:`SlidingWindow.stream`.
+    """
     probs = cascade.stage1_output == "probs"
-    stage1 = predict_stage1(
-        cascade, image, scratch, engine, start_z=first_row, counts=counts, progress=progress, force=True,
-        **(skip if probs else {}),
+    net = cascade.stage1 if probs else cascade.stage1.features
+    stream = engine.stream(
+        net, [image], cascade.stage1_channels, start_z=start_z, starts=starts, counts=counts,
+        progress=progress, **((skip or {}) if probs else {}),
     )  # fmt: skip
-    fill = (1.0,) + (0.0,) * (cascade.stage1_channels - 1) if probs else (0.0,)  # certain background
-    return Input(stage1, fill=fill)
+    for z0, scores in stream:
+        yield z0, (engine.probabilities_(scores) if probs else scores).astype(np.float16)
 
 
 def predict_stage1(
@@ -283,38 +444,28 @@ def predict_stage1(
     counts: WindowCounts | None = None,
     progress: bool = False,
     force: bool = False,
-    skip_below: float | None = None,
-    skip_logits: Sequence[float] | None = None,
+    skip: dict[str, Any] | None = None,
 ) -> zarr.Array:
-    """Stage-1 output of a whole volume, as the cascade's stage 2 consumes it, to a float16 Zarr.
-
-    Used for cascade prediction and for caching stage-1 output of training volumes. With
-    ``cascade.stage1_output == "probs"`` the blended stage-1 logits are turned into softmax probabilities;
-    with ``"features"`` the blended last-decoder features are stored as they are.
+    """A cascade's stage-1 output of a whole volume (:func:`stage1_slabs`) written to a float16 Zarr, for
+    cascade prediction and for the stage-1 caches that stage 2 trains on.
 
     Args:
         cascade: a :class:`meunet.models.Cascade` (its ``stage1`` and ``stage1_output`` are used), eval mode.
-        image: the normalised image input, e.g. ``Input(volume.array, normalization.apply)``.
+        image: the normalised image input (:func:`image_input`).
         output: ``.zarr`` path of the (stage1_channels, Z, Y, X) float16 array.
         engine: window settings.
         start_z: compute only z >= start_z (the rest of the array stays zero).
-        counts, progress, skip_below, skip_logits: passed to :meth:`SlidingWindow.stream`.
+        counts, progress, skip: passed to :func:`stage1_slabs`.
         force: overwrite an existing ``output``.
 
     Returns:
         the written array, opened read-only.
     """
-    probs = cascade.stage1_output == "probs"
-    net = cascade.stage1 if probs else cascade.stage1.features
     shape = tuple(image.array.shape[-3:])
+    slabs = stage1_slabs(cascade, image, engine, start_z=start_z, counts=counts, progress=progress, skip=skip)
     channels = cascade.stage1_channels
-    stream = engine.stream(
-        net, [image], channels, start_z=start_z, counts=counts, progress=progress,
-        skip_below=skip_below, skip_logits=skip_logits,
-    )  # fmt: skip
-    with ProbabilityWriter(output, shape, channels, force=force) as writer:
-        halves = ((z0, ((engine.probabilities_(s) if probs else s).astype(np.float16),)) for z0, s in stream)
-        for z0, (slab,) in _aligned(halves, writer.z_chunk, shape[0]):
+    with create_writer(output, shape, np.float16, force=force, channels=channels) as writer:
+        for z0, (slab,) in _aligned(((z0, (s,)) for z0, s in slabs), writer.z_chunk, shape[0]):
             writer.write(z0, slab)
     return zarr.open_array(output, mode="r")
 
@@ -335,9 +486,9 @@ def estimate_peak_bytes(bundle, engine: SlidingWindow, volume: Volume, probabili
     y, x = (max(s, w) for s, w in zip(volume.array.shape[1:], engine.window[1:], strict=True))
     n_classes = len(bundle.classes)
     plane = y * x
-    stage1_channels = 0 if bundle.stage2 is None else bundle.stage2.stage1_channels
+    stage1_channels = 0 if bundle.cascade is None else bundle.cascade.stage1_channels
     widths = [bundle.meta["stage1"]["widths"][0]]
-    if bundle.stage2 is not None:
+    if bundle.cascade is not None:
         widths.append(bundle.meta["stage2"]["widths"][0] + stage1_channels)
     padded = math.prod(-(-w // 16) * 16 for w in engine.window)
     window_voxels = wz * wy * wx
@@ -349,12 +500,6 @@ def estimate_peak_bytes(bundle, engine: SlidingWindow, volume: Volume, probabili
     outputs = 2 * out_depth * plane * (1 + (2 * n_classes + 8 if probabilities or stage1_channels else 0))
     now = psutil.Process().memory_info().rss
     return int(now + RUNTIME_BYTES + accumulators + input_slabs + batch + activations + outputs)
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far, in bytes."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _outputs(engine: SlidingWindow, scores: Iterable, probabilities: bool) -> Iterator[tuple[int, tuple]]:
@@ -392,8 +537,3 @@ def _written_prefix(writers: Sequence[VolumeWriter], align: int) -> int:
     while z < depth and all(w.is_written(z, min(z + align, depth)) for w in writers):
         z += align
     return min(z, depth)
-
-
-def _write_json(path: Path, values: dict) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(values, indent=2) + "\n")

@@ -25,10 +25,12 @@ import torch
 from tqdm import tqdm
 
 from meunet.errors import InputError
-from meunet.precision import autocast_dtype, resolve_precision
+from meunet.precision import PRECISIONS, autocast, resolve_precision
 
 Blend = Literal["gaussian", "constant", "vote"]
+BLENDS = ("gaussian", "constant", "vote")
 Shape3 = tuple[int, int, int]
+Region = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # [lo, hi) per axis (z, y, x)
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -46,6 +48,47 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     return [int(s) for s in np.round(np.linspace(0, size - window, n))]
 
 
+def check_settings(window: Sequence[int], overlap: float, blend: str, batch: int, precision: str) -> None:
+    """ValueError unless these are valid sliding-window settings (see :class:`SlidingWindow`)."""
+    if len(window) != 3 or min(window) < 1:
+        raise ValueError(f"window must be three positive sizes, got {tuple(window)}")
+    window_starts(1, 1, overlap)  # validates overlap
+    if blend not in BLENDS:
+        raise ValueError(f"unknown blend {blend!r}; use gaussian, constant or vote")
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+
+
+def windows_over(
+    grid: Sequence[Sequence[int]], window: Sequence[int], region: Region, shape: Sequence[int]
+) -> tuple[list[list[int]], Region]:
+    """The windows of a volume's grid that overlap ``region``, and the part of the volume they cover.
+
+    Args:
+        grid: window starts per axis of the whole volume (:meth:`SlidingWindow.grid`).
+        window: (wz, wy, wx).
+        region: ``[lo, hi)`` per axis.
+        shape: (Z, Y, X) of the volume.
+
+    Returns:
+        ``(starts, span)``: per axis the starts ``s`` with ``s < hi`` and ``s + w > lo`` (in grid order), and
+        ``[min s, min(max s + w, size))`` per axis, which contains ``region``.
+    """
+    starts = [
+        [s for s in axis if s < hi and s + w > lo]
+        for axis, w, (lo, hi) in zip(grid, window, region, strict=True)
+    ]
+    span = tuple((s[0], min(s[-1] + w, n)) for s, w, n in zip(starts, window, shape, strict=True))
+    return starts, span  # type: ignore[return-value]
+
+
+def within(inner: Region, outer: Region) -> tuple[slice, slice, slice]:
+    """Slices selecting ``inner`` from an array that holds ``outer``."""
+    return tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inner, outer, strict=True))  # type: ignore[return-value]
+
+
 def importance_map(window: Shape3, blend: Blend) -> np.ndarray:
     """Per-voxel weight of one window's output, float32 (wz, wy, wx).
 
@@ -53,8 +96,9 @@ def importance_map(window: Shape3, blend: Blend) -> np.ndarray:
       ``max(min, 1e-3)``; built exactly as MONAI's ``compute_importance_map(mode="gaussian",
       sigma_scale=0.125)`` (and nnU-Net's map, up to a constant factor).
     - ``constant``: ones.
-    - ``vote``: the notebook's centre-weighted vote, 2 inside the window's central half-cube
-      (``[w // 4, w - w // 4)`` on every axis) and 1 elsewhere; used on one-hot hard labels.
+    - ``vote``: the centre-weighted vote of the paper's code (docs/method.md section 5), 2 inside the
+      window's central half-cube (``[w // 4, w - w // 4)`` on every axis) and 1 elsewhere; used on one-hot
+      hard labels.
     """
     if blend == "constant":
         return np.ones(window, np.float32)
@@ -117,7 +161,7 @@ class Input:
     fill: float | tuple[float, ...] = 0.0
     path: str | None = None
 
-    def window(self, raw: np.ndarray) -> np.ndarray:
+    def prepare(self, raw: np.ndarray) -> np.ndarray:
         """The float32 network input of one raw window."""
         return raw.astype(np.float32) if self.transform is None else self.transform(raw)
 
@@ -156,12 +200,8 @@ class SlidingWindow:
     _weights: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if len(self.window) != 3 or min(self.window) < 1:
-            raise ValueError(f"window must be three positive sizes, got {self.window}")
-        if self.batch < 1:
-            raise ValueError(f"batch must be at least 1, got {self.batch}")
+        check_settings(self.window, self.overlap, self.blend, self.batch, self.precision)
         object.__setattr__(self, "precision", resolve_precision(self.precision, self.device))
-        window_starts(1, 1, self.overlap)  # validates overlap
         object.__setattr__(self, "window", tuple(int(w) for w in self.window))
         object.__setattr__(self, "_weights", importance_map(self.window, self.blend))
 
@@ -183,6 +223,7 @@ class SlidingWindow:
         skip_below: float | None = None,
         skip_logits: Sequence[float] | None = None,
         start_z: int = 0,
+        starts: Sequence[Sequence[int]] | None = None,
         counts: WindowCounts | None = None,
         progress: bool = False,
     ) -> Iterator[tuple[int, np.ndarray]]:
@@ -198,6 +239,9 @@ class SlidingWindow:
                 contributes ``skip_logits`` (an n_out vector, e.g. background-certain logits) everywhere.
             start_z: yield only z >= start_z (and run only windows reaching past it); the slabs are
                 identical to those of a stream started at 0, so an interrupted prediction can resume.
+            starts: window starts per axis, relative to the inputs, instead of :meth:`grid`'s: a block of a
+                volume runs exactly the windows the whole volume's grid places over it (the inputs then
+                hold the part those windows cover, :func:`windows_over`).
             counts: if given, its ``windows`` and ``skipped`` are increased as windows are visited.
             progress: show a tqdm bar over windows.
 
@@ -214,7 +258,7 @@ class SlidingWindow:
             raise ValueError("skip_below needs skip_logits with one value per output channel")
         counts = counts if counts is not None else WindowCounts()
         wz, wy, wx = self.window
-        zs, ys, xs = self.grid(shape)
+        zs, ys, xs = self.grid(shape) if starts is None else [list(s) for s in starts]
         padded = (zs[-1] + wz, ys[-1] + wy, xs[-1] + wx)
         rows = [i for i, z in enumerate(zs) if z + wz > start_z]
         acc = np.zeros((n_out, wz, *padded[1:]), np.float32)
@@ -262,7 +306,7 @@ class SlidingWindow:
                 continue
             run.append((y0, x0))
             for stack, crop, inp in zip(windows, crops, inputs, strict=True):
-                stack.append(inp.window(self._pad(crop, inp.fill)))
+                stack.append(inp.prepare(self._pad(crop, inp.fill)))
         if not run:
             return
         outputs = self._forward(net, [np.stack(stack) for stack in windows])
@@ -286,9 +330,7 @@ class SlidingWindow:
     def _forward(self, net, inputs: list[np.ndarray]) -> np.ndarray:
         """Run the net on one batch (with flips if ``tta``); float32 (B, n_out, wz, wy, wx) numpy scores."""
         tensors = [torch.from_numpy(a).to(self.device) for a in inputs]
-        device_type = torch.device(self.device).type
-        dtype = autocast_dtype(self.precision)
-        with torch.inference_mode(), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+        with torch.inference_mode(), autocast(self.precision, self.device):
             out = net(*tensors).float()
             if self.tta:
                 for n in (1, 2, 3):

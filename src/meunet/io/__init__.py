@@ -17,23 +17,30 @@ from pathlib import Path
 import numpy as np
 
 from meunet.errors import InputError
-from meunet.io._safe import atomic_output, check_new_output, output_lock
+from meunet.io._pyramid import PYRAMID_LEVELS, add_label_pyramid, downsample_mode
+from meunet.io._safe import atomic_output, check_new_output, output_lock, write_json
 from meunet.io._volume import LazyArray, Volume
 from meunet.io._writer import VolumeWriter
 
 __all__ = [
+    "PYRAMID_LEVELS",
     "LazyArray",
     "Volume",
     "VolumeWriter",
+    "add_label_pyramid",
     "atomic_output",
     "check_new_output",
     "create_writer",
+    "downsample_mode",
     "iter_slabs",
+    "ome_levels",
     "open_volume",
     "output_lock",
     "read_volume",
     "value_range",
     "volume_format",
+    "volume_pairs",
+    "write_json",
     "write_volume",
 ]
 
@@ -131,7 +138,12 @@ def open_volume(path: str | PathLike[str], spacing: tuple[float, float, float] |
 
 
 def read_volume(path: str | PathLike[str], spacing: tuple[float, float, float] | None = None) -> Volume:
-    """Read a whole volume into memory: like :func:`open_volume`, with ``array`` a numpy (Z, Y, X) array."""
+    """Read a whole volume into memory: like :func:`open_volume`, with ``array`` a numpy (Z, Y, X) array.
+
+    >>> volume = read_volume(image_path)
+    >>> volume.array.shape, volume.array.dtype.name, volume.spacing
+    ((40, 20, 24), 'uint8', (0.5, 0.25, 0.25))
+    """
     volume = open_volume(path, spacing)
     if not isinstance(volume.array, np.ndarray):
         volume.array = volume.array[...]
@@ -146,6 +158,7 @@ def create_writer(
     chunks: tuple[int, int, int] | None = None,
     force: bool = False,
     resume: bool = False,
+    channels: int | None = None,
 ) -> VolumeWriter:
     """A streaming writer for a (Z, Y, X) volume: ``with create_writer(...) as w: w.write(z0, slab)``.
 
@@ -162,9 +175,13 @@ def create_writer(
         force: overwrite an existing output.
         resume: continue a partial output left by an earlier run (Zarr, NIfTI, npy, TIFF, slice folder);
             ``writer.is_written(z0, z1)`` then tells which slabs are already there.
+        channels: write C per-voxel maps (class probabilities, stage-1 output) instead: one Zarr array
+            (C, Z, Y, X) with chunks (C, 64, 64, 64) and ``like``'s geometry in its attributes
+            (:class:`meunet.io._zarr.ChannelsWriter`); slabs are then (C, dz, Y, X).
 
     Raises:
-        InputError: unknown suffix, or the output exists and ``force`` is false.
+        InputError: unknown suffix (not ``.zarr`` with ``channels``), or the output exists and ``force``
+            is false.
     """
     path = Path(path)
     suffix = _suffix(path)
@@ -183,6 +200,12 @@ def create_writer(
         np.broadcast_to(np.zeros((), dtype), tuple(shape)), geo.spacing, geo.origin, geo.direction
     )
     fmt = _SUFFIX_FORMATS.get(suffix, "tiff-slices")
+    if channels is not None:
+        from meunet.io._zarr import ChannelsWriter
+
+        if fmt != "zarr":
+            raise InputError(path, "per-channel maps are written as Zarr: give a name ending in .zarr")
+        return ChannelsWriter(path, geometry, channels, resume, force)
     if fmt in ("nifti", "nifti-gz"):
         from meunet.io._nifti import NiftiWriter as Writer
     elif fmt == "tiff":
@@ -196,6 +219,51 @@ def create_writer(
     else:
         from meunet.io._npy import NpyWriter as Writer
     return Writer(path, geometry, None if chunks is None else tuple(int(c) for c in chunks), resume, force)
+
+
+def ome_levels(path: str | PathLike[str], mode: str = "r") -> list:
+    """The zarr arrays of every level of an OME-Zarr image's first multiscale image, level 0 first."""
+    import zarr
+
+    from meunet.io._zarr import _multiscale
+
+    group = zarr.open_group(path, mode=mode)
+    return [group[d["path"]] for d in _multiscale(dict(group.attrs))["datasets"]]
+
+
+def volume_pairs(input: str | PathLike[str], output: str | PathLike[str]) -> list[tuple[Path, Path]]:
+    """The (input, output) pairs of a prediction: one pair for a volume, or for a folder that holds
+    volumes, each volume ``NAME.ext`` (or folder volume) with output ``OUTPUT/NAME.zarr``.
+
+    A folder is one volume when it is a Zarr store or a folder of TIFF or DICOM slices; otherwise its
+    entries that are volumes are taken (hidden entries and other files are ignored) and ``output`` is a
+    folder.
+
+    Raises:
+        InputError: no such input, or a folder without volumes.
+    """
+    input, output = Path(input), Path(output)
+    if not input.is_dir() or _is_volume(input):
+        return [(input, output)]
+    found = [p for p in sorted(input.iterdir()) if not p.name.startswith(".") and _is_volume(p)]
+    if not found:
+        raise InputError(input, "the folder holds no volumes")
+    if output.exists() and not output.is_dir():
+        raise InputError(output, "the output for a folder of volumes must be a folder")
+    return [(p, output / f"{_stem(p)}.zarr") for p in found]
+
+
+def _is_volume(path: Path) -> bool:
+    try:
+        volume_format(path)
+    except InputError:
+        return False
+    return True
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
 
 
 def _slab_depth(shape: tuple[int, ...], dtype, chunk_z: int = 1) -> int:

@@ -15,6 +15,7 @@ Every file or folder meunet writes goes through :func:`atomic_output` (or, for t
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 import shutil
@@ -123,3 +124,9 @@ def atomic_output(path: str | PathLike[str], force: bool = True) -> Iterator[Pat
             raise
         if old is not None:
             remove(old)
+
+
+def write_json(path: str | PathLike[str], value, indent: int = 2, force: bool = True) -> None:
+    """Write ``value`` as indented JSON plus a newline through :func:`atomic_output`."""
+    with atomic_output(path, force) as tmp:
+        tmp.write_text(json.dumps(value, indent=indent) + "\n")

@@ -70,6 +70,7 @@ class VolumeWriter:
         self._log = None
         self._lock = ExitStack()
         self.z_chunk = 1  # slabs aligned to multiples of this depth write whole chunks (Zarr)
+        self.channels: int | None = None  # C for writers of (C, Z, Y, X) maps: slabs are (C, dz, Y, X)
 
     # -- the part each format fills in -------------------------------------------------------------------
     @staticmethod
@@ -144,15 +145,22 @@ class VolumeWriter:
         return self
 
     def write(self, z0: int, slab: np.ndarray) -> None:
-        """Write ``slab`` (dz, Y, X) at slices ``z0 : z0 + dz`` of the output; any order, any depth."""
+        """Write ``slab`` (dz, Y, X), or (C, dz, Y, X) with :attr:`channels`, at slices ``z0 : z0 + dz`` of
+        the output; any order, any depth."""
         slab = np.asarray(slab)
-        if slab.ndim != 3 or slab.shape[1:] != self.shape[1:] or z0 < 0 or z0 + slab.shape[0] > self.shape[0]:
-            raise ValueError(
-                f"slab of shape {slab.shape} at z0={z0} does not fit an output of shape {self.shape}"
-            )
+        lead = () if self.channels is None else (self.channels,)
+        if (
+            slab.ndim != 3 + len(lead)
+            or slab.shape[: len(lead)] != lead
+            or slab.shape[-2:] != self.shape[1:]
+            or z0 < 0
+            or z0 + slab.shape[-3] > self.shape[0]
+        ):
+            shape = (*lead, *self.shape)
+            raise ValueError(f"slab of shape {slab.shape} at z0={z0} does not fit an output of shape {shape}")
         if not np.can_cast(slab.dtype, self.dtype, "safe"):
             raise TypeError(f"slab dtype {slab.dtype} does not cast safely to the output dtype {self.dtype}")
-        z1 = z0 + slab.shape[0]
+        z1 = z0 + slab.shape[-3]
         try:
             self._write(z0, np.ascontiguousarray(slab, dtype=self.dtype))
         except OSError as exc:

@@ -132,3 +132,45 @@ class ZarrWriter(VolumeWriter):
 
     def _write(self, z0: int, slab: np.ndarray) -> None:
         self.array[z0 : z0 + slab.shape[0]] = slab
+
+
+class ChannelsWriter(VolumeWriter):
+    """C per-voxel maps (class probabilities, a cascade's stage-1 output) as one Zarr v3 array (C, Z, Y, X),
+    chunks (C, 64, 64, 64), dimension names c, z, y, x; the spacing, origin and direction of the volume they
+    belong to go to the array's attribute ``meunet``. Slabs are (C, dz, Y, X)."""
+
+    resumable = True
+
+    def __init__(self, path: Path, geometry: Volume, channels: int, resume: bool, force: bool = False):
+        super().__init__(path, geometry, tuple(min(64, n) for n in geometry.array.shape), resume, force)
+        self.channels = channels
+        self.z_chunk = self.chunks[0]
+
+    def _create(self) -> dict:
+        g = self.geometry
+        self.array = zarr.create_array(
+            self.target,
+            shape=(self.channels, *self.shape),
+            chunks=(self.channels, *self.chunks),
+            dtype=self.dtype,
+            zarr_format=3,
+            dimension_names=("c", "z", "y", "x"),
+            attributes={
+                "meunet": {
+                    "spacing": list(g.spacing),
+                    "origin": list(g.origin),
+                    "direction": g.direction.tolist(),
+                }
+            },
+        )
+        return {"channels": self.channels}
+
+    def _reopen(self, state: dict) -> None:
+        if state.get("channels") != self.channels:
+            raise InputError(
+                self.path, f"the partial output has {state.get('channels')} channels, not {self.channels}"
+            )
+        self.array = zarr.open_array(self.target, mode="r+")
+
+    def _write(self, z0: int, slab: np.ndarray) -> None:
+        self.array[:, z0 : z0 + slab.shape[1]] = slab

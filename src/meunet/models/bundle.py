@@ -11,13 +11,13 @@ from typing import Any
 import torch
 
 from meunet.errors import InputError
-from meunet.io import atomic_output, check_new_output
+from meunet.io import atomic_output, check_new_output, write_json
 from meunet.models.cascade import Cascade, build_cascade
 from meunet.models.meunet import MeUNet
 from meunet.models.unet import UNet3D
 
 FORMAT_VERSION = 1
-# model.json's stage1.architecture: the meU-net, or a plain U-net (the baselines of design section 3).
+# model.json's stage1.architecture: the meU-net, or a plain U-net (the baselines of docs/method.md section 6).
 STAGE1_ARCHITECTURES = {"meunet": MeUNet, "unet": UNet3D}
 
 
@@ -28,24 +28,25 @@ class ModelBundle:
     Attributes:
         meta: the parsed ``model.json`` (``normalization``, ``window``, ``patch`` ...).
         stage1: the meU-net, or a plain :class:`UNet3D` (``stage1.architecture`` ``"unet"``).
-        stage2: the cascade (stage 1 inside, frozen) or None for a stage-1-only model.
+        cascade: the whole cascade (stage 1 inside, frozen; its stage 2 from ``stage2.pt``) or None for a
+            stage-1-only model.
         classes: class names, index = label value.
     """
 
     meta: dict[str, Any]
     stage1: UNet3D
-    stage2: Cascade | None
+    cascade: Cascade | None
     classes: list[str]
 
-    def net(self, image: torch.Tensor, stage1_out: torch.Tensor | None = None) -> torch.Tensor:
+    def net(self, image: torch.Tensor, stage1_maps: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (N, n_classes, Z, Y, X) of the final stage for a normalised image window (N, C_in, Z, Y, X).
 
-        ``stage1_out`` (N, stage2.stage1_channels, Z, Y, X), e.g. cached probabilities, is only used by a
+        ``stage1_maps`` (N, cascade.stage1_channels, Z, Y, X), e.g. cached probabilities, is only used by a
         cascade; a stage-1-only model ignores it.
         """
-        if self.stage2 is None:
+        if self.cascade is None:
             return self.stage1(image)
-        return self.stage2(image, stage1_out)
+        return self.cascade(image, stage1_maps)
 
 
 def _state_dict_cpu(module: torch.nn.Module, skip_prefix: str | None = None) -> dict[str, torch.Tensor]:
@@ -93,8 +94,7 @@ def save_model_dir(
         with atomic_output(path / name) as tmp:
             with open(tmp, "wb") as f:  # a file object: the bytes do not depend on the temporary name
                 torch.save(state, f)
-    with atomic_output(path / "model.json", force) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(path / "model.json", meta, force=force)
     if stage2 is None:
         (path / "stage2.pt").unlink(missing_ok=True)
     return path
@@ -166,4 +166,4 @@ def load_model_dir(path: str | os.PathLike[str], device: str | torch.device = "c
     stage1.to(device).eval()
     if stage2 is not None:
         stage2.to(device).eval()
-    return ModelBundle(meta=meta, stage1=stage1, stage2=stage2, classes=list(meta["classes"]))
+    return ModelBundle(meta=meta, stage1=stage1, cascade=stage2, classes=list(meta["classes"]))

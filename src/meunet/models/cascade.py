@@ -1,4 +1,5 @@
-"""The two-stage cascade of design 2.3: frozen stage 1, stage 2 joined by post- or pre-concatenation."""
+"""The two-stage cascade of docs/method.md section 3: frozen stage 1, stage 2 joined by post- or
+pre-concatenation."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ from meunet.models.unet import ConvStage, UNet3D
 
 FUSIONS = ("post", "pre")
 STAGE1_OUTPUTS = ("probs", "features")
+
+
+def stage1_fill(channels: int, stage1_output: str = "probs") -> tuple[float, ...]:
+    """The stage-1 output stage 2 sees past a volume's border, per channel: certain background (one-hot
+    class 0) for probabilities, zeros for features. Training pads its patches and warps with it, and every
+    prediction path pads its windows with it.
+
+    >>> stage1_fill(3)
+    (1.0, 0.0, 0.0)
+    """
+    return (1.0,) + (0.0,) * (channels - 1) if stage1_output == "probs" else (0.0,) * channels
 
 
 class Cascade(nn.Module):
@@ -72,13 +84,13 @@ class Cascade(nn.Module):
             return features
         return torch.softmax(self.stage1.head(features), dim=1)
 
-    def forward(self, image: torch.Tensor, stage1_out: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, stage1_maps: torch.Tensor | None = None) -> torch.Tensor:
         """Final logits (N, n_classes, Z, Y, X) of an image (N, C_in, Z, Y, X).
 
-        ``stage1_out`` (N, stage1_channels, Z, Y, X), e.g. cached float16 probabilities, is used when given
+        ``stage1_maps`` (N, stage1_channels, Z, Y, X), e.g. cached float16 probabilities, is used when given
         (cast to the image's dtype); otherwise it is computed by :meth:`stage1_forward`.
         """
-        s1 = self.stage1_forward(image) if stage1_out is None else stage1_out.to(image.dtype)
+        s1 = self.stage1_forward(image) if stage1_maps is None else stage1_maps.to(image.dtype)
         if self.fusion == "pre":
             return self.stage2(torch.cat([image, s1], dim=1))
         features = self.stage2.features(image)

@@ -1,4 +1,4 @@
-"""Stage 1: the memory-efficient U-net of design section 2.2 (local and context paths, shared weights)."""
+"""Stage 1: the memory-efficient U-net (docs/method.md section 2): local and context paths, shared weights."""
 
 from __future__ import annotations
 
@@ -8,6 +8,16 @@ import torch
 from torch import nn
 
 from meunet.models.unet import UNet3D, crop_to, pad_to_multiple
+
+
+def context_side(side: int, scale: float = 1.5) -> int:
+    """Side of the context patch around a local patch of ``side`` voxels: about ``scale`` times it, with
+    the same centre (an even margin, the same on both sides).
+
+    >>> context_side(160), context_side(34)
+    (240, 50)
+    """
+    return side + 2 * round(side * (scale - 1) / 2)
 
 
 class MeUNet(UNet3D):

@@ -1,4 +1,4 @@
-"""The backbone 3D U-net of design section 2.1, with optional per-stage activation checkpointing.
+"""The backbone 3D U-net of docs/method.md section 1, with optional per-stage activation checkpointing.
 
 Tensors are (N, C, Z, Y, X). Inputs of any spatial size are accepted: they are zero-padded at the high end of
 each axis up to the next multiple of 16 (four max-pools of 2) and the outputs are cropped back, so that every
@@ -91,7 +91,8 @@ def crop_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 class UNet3D(nn.Module):
-    """3D U-net (design 2.1): five levels, four max-pools of 2, two conv stages per level, 1x1x1 head.
+    """3D U-net (docs/method.md section 1): five levels, four max-pools of 2, two conv stages per level, a
+    1x1x1 head.
 
     Encoder widths ``widths`` = (w0, w1, w2, w3, w4) (w4: bottleneck), decoder widths (w2, w1, w0, w0), skips
     concatenated as [skip, upsampled]. Paper widths with 1 input and 3 classes: 2,512,515 parameters.

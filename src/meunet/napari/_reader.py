@@ -61,16 +61,10 @@ def _lazy(array):
 
 def _ome_levels(path: Path) -> list:
     """Every level of the first OME-Zarr multiscale image, largest first, leading size-1 axes dropped."""
-    import zarr
+    from meunet.io import ome_levels
 
-    from meunet.io._zarr import _multiscale
-
-    group = zarr.open_group(path, mode="r")
-    levels = []
-    for dataset in _multiscale(dict(group.attrs))["datasets"]:
-        level = _lazy(group[dataset["path"]])
-        levels.append(level[(0,) * (level.ndim - 3)])
-    return levels
+    levels = [_lazy(array) for array in ome_levels(path)]
+    return [level[(0,) * (level.ndim - 3)] for level in levels]
 
 
 def _is_labels(array, path: Path) -> bool:

@@ -1,21 +1,14 @@
-"""In-memory segmentation for the widget: :func:`meunet.infer.predict`'s engine and cascade steps on an
-array, with a callback per window (progress, and cancelling by raising from it)."""
+"""In-memory segmentation for the widget: :meth:`meunet.infer.Predictor.labels` on an array, with a
+callback per window (progress, and cancelling by raising from it)."""
 
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
-from meunet.data.normalization import Normalization
-from meunet.errors import InputError
-from meunet.infer import Input, SlidingWindow, WindowCounts
-from meunet.infer.postprocess import apply_rules
-from meunet.infer.predict import _skip_settings, _stage1_input
-from meunet.models import load_model_dir
+from meunet.infer import Predictor, PredictSettings, WindowCounts
 
 
 class _Reporting(WindowCounts):
@@ -64,26 +57,11 @@ def segment(
     Raises:
         InputError: a bad model directory or settings.
     """
-    bundle = load_model_dir(model_dir, device)
-    if bundle.meta.get("in_channels") != 1 or not bundle.meta.get("window"):
-        raise InputError(Path(model_dir) / "model.json", "needs a one-channel model with a 'window'")
-    try:
-        engine = SlidingWindow(tuple(bundle.meta["window"]), overlap, device=device, precision=precision)
-    except ValueError as exc:
-        raise InputError("settings", str(exc)) from None
-    normalization = Normalization.from_dict(bundle.meta["normalization"])
-    image = Input(array, normalization.apply)
-    n_classes = len(bundle.classes)
-    skip = _skip_settings(normalization, n_classes, None) if skip_empty else {}
-    stages = 1 if bundle.stage2 is None else 2
-    counts = _Reporting(on_window, stages * math.prod(len(g) for g in engine.grid(array.shape)))
-    with tempfile.TemporaryDirectory(prefix="meunet-napari-") as scratch:
-        inputs = [image]
-        if bundle.stage2 is not None:
-            stage1 = Path(scratch) / "stage1.zarr"
-            inputs.append(_stage1_input(bundle.stage2, image, stage1, engine, 0, counts, False, skip))
-        labels = engine.labels(bundle.net, inputs, n_classes, counts=counts, **skip)
-    rules = bundle.meta.get("postprocessing") or {}
-    if postprocess and rules:
-        labels = apply_rules(labels, rules)
-    return labels, list(bundle.classes)
+    settings = PredictSettings(
+        overlap=overlap, device=device, precision=precision, skip_empty=skip_empty, postprocess=postprocess
+    )
+    predictor = Predictor(model_dir, settings)
+    stages = 1 if predictor.bundle.cascade is None else 2
+    grid = predictor.engine.grid(array.shape)
+    counts = _Reporting(on_window, stages * math.prod(len(g) for g in grid))
+    return predictor.labels(array, counts), list(predictor.bundle.classes)

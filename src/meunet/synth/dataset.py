@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from meunet.errors import InputError
-from meunet.io import atomic_output
+from meunet.io import write_json
 from meunet.synth.acquisition import Acquisition, Phantom, default_workers, scan
 from meunet.synth.fly import design_fly
 from meunet.synth.porous import design_porous
@@ -169,6 +168,10 @@ def generate_dataset(
 
     Raises:
         InputError: bad kind, format, shape, count or SNR, or existing output without ``force``.
+
+    >>> dataset = generate_dataset(tmp / "flies", count=2, shape=(32, 24, 24), seed=1)
+    >>> sorted(p.name for p in dataset.parent.iterdir())
+    ['dataset.json', 'img_000.nii.gz', 'img_001.nii.gz', 'lab_000.nii.gz', 'lab_001.nii.gz']
     """
     out = Path(out_dir)
     shape = tuple(int(s) for s in (shape or DEFAULT_SHAPES.get(kind, (0, 0, 0))))
@@ -234,8 +237,7 @@ def write_scan(out: Path, entry: dict, phantom: Phantom, acq: Acquisition, pool,
 def write_meta(out: Path, meta: dict) -> Path:
     """Write ``out/dataset.json`` under a temporary name, then rename it; returns its path."""
     path = out / "dataset.json"
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(path, meta)
     return path
 
 

@@ -1,4 +1,4 @@
-"""Patch-based training of both stages from a YAML configuration (design section 2.4), resumable.
+"""Patch-based training of both stages from a YAML configuration (docs/method.md section 4), resumable.
 
 - :func:`load_config` / :class:`TrainConfig`: the validated configuration (``docs/config.md``).
 - :func:`train`: stage 1, stage 2 or both into one model directory.

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from meunet.errors import InputError
+from meunet.models.meunet import context_side
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -113,7 +114,7 @@ class ModelConfig(_Strict):
 
 
 class PatchConfig(_Strict):
-    """Local patch, context patch and the sampling grid (design 2.2 and 2.4)."""
+    """Local patch, context patch and the sampling grid (docs/method.md sections 2 and 4)."""
 
     size: Triple = (160, 160, 160)
     context_scale: float = Field(1.5, ge=1.0)
@@ -145,7 +146,7 @@ class PatchConfig(_Strict):
     @property
     def context(self) -> tuple[int, int, int]:
         """Context side: about ``context_scale`` times the patch, with the same centre (even margins)."""
-        return tuple(s + 2 * round(s * (self.context_scale - 1) / 2) for s in self.size)  # type: ignore
+        return tuple(context_side(s, self.context_scale) for s in self.size)  # type: ignore
 
 
 class TrainingConfig(_Strict):
@@ -263,3 +264,11 @@ def load_config(path: str | Path) -> TrainConfig:
     if not isinstance(values, dict):
         raise InputError(path, "expected a mapping of keys at the top level")
     return parse_config(values, path, path.resolve().parent)
+
+
+def stage_mapping(mapping: dict, stage: int, iterations: int, validations: int) -> dict:
+    """``mapping`` for training only ``stage`` (1, or 2 on top of the stage 1 already in the output) for
+    ``iterations`` steps, validated ``validations`` times (evenly spaced, the last at the end)."""
+    every = max(1, iterations // validations)
+    training = {**mapping["training"], "max_iterations": iterations, "validate_every": every}
+    return {**mapping, "stages": str(stage), "training": training}

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from meunet.data.normalization import Normalization
-from meunet.infer import Input, SlidingWindow, labels_from_scores, predict_stage1
+from meunet.infer import Input, SlidingWindow, image_input, labels_from_scores, predict_stage1
 from meunet.io import atomic_output
 from meunet.metrics import confusion_matrix, dice_from_confusion
 from meunet.models import Cascade
@@ -50,16 +50,6 @@ def validation_labels(
 ) -> np.ndarray:
     """uint8 (Z, Y, X) labels of one (validation) volume, in memory."""
     return np.concatenate([labels_from_scores(scores) for _, scores in engine.stream(net, inputs, n_classes)])
-
-
-def image_input(image, normalization: Normalization) -> Input:
-    """The engine input of a raw (Z, Y, X) image: raw zeros past the border, then normalisation."""
-    return Input(image, normalization.apply, 0.0)
-
-
-def probability_input(probabilities) -> Input:
-    """The engine input of cached (C, Z, Y, X) float16 probabilities: one-hot background past the border."""
-    return Input(probabilities, None, (1.0, *[0.0] * (probabilities.shape[0] - 1)))
 
 
 def file_digest(path: Path) -> str:

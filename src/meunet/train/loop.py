@@ -23,7 +23,8 @@ from meunet.data.augment import (
 )
 from meunet.data.patches import PatchDataset
 from meunet.errors import InputError
-from meunet.precision import autocast_dtype, resolve_precision
+from meunet.models.cascade import stage1_fill
+from meunet.precision import autocast, resolve_precision
 from meunet.train.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from meunet.train.config import AugmentationConfig, Stage2Config, TrainConfig
 from meunet.train.log import TrainLog
@@ -107,9 +108,9 @@ def augment_batch(
         if key.endswith("label"):
             out[key] = apply_transforms(value[:, None].float(), t, "nearest")[:, 0].long()
         elif key == "stage1":
-            fill = torch.zeros(value.shape[1])
-            fill[0] = 1
-            out[key] = apply_transforms(value.float(), t, "bilinear", fill)
+            out[key] = apply_transforms(
+                value.float(), t, "bilinear", torch.tensor(stage1_fill(value.shape[1]))
+            )
         else:
             out[key] = apply_transforms(value, t, "bilinear", image_fill)
     images = [k for k in ("image", "context_image") if k in out]
@@ -208,9 +209,7 @@ def recalibrate_batch_norm(
     )
     stage.net.train()
     batch_size = config.training.batch_size
-    precision = resolve_precision(config.precision, device)
-    dtype = autocast_dtype(precision)
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    with torch.no_grad(), autocast(resolve_precision(config.precision, device), device):
         for start in range(position, position + samples, batch_size):
             batch = default_collate([stage.dataset[i] for i in range(start, start + batch_size)])
             stage.losses(stage.net, augment({k: v.to(device) for k, v in batch.items()}, generator))
@@ -294,7 +293,6 @@ def fit_stage(
         num_workers=training.workers,
         pin_memory=device.type == "cuda",
     )
-    dtype = autocast_dtype(precision)
     sums: dict[str, float] = {}
     steps = 0
     started = time.perf_counter() - progress.seconds
@@ -307,7 +305,7 @@ def fit_stage(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, progress.iteration, total)
         batch = augment({k: v.to(device, non_blocking=True) for k, v in batch.items()}, generator)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(precision, device):
             losses = stage.losses(stage.net, batch)
         if not torch.isfinite(losses["loss"].detach()).item():  # stop before non-finite weights exist
             raise InputError(

@@ -1,4 +1,4 @@
-"""The W_D loss of design section 2.4: soft Dice plus class-weighted cross-entropy."""
+"""The W_D loss of docs/method.md section 4: soft Dice plus class-weighted cross-entropy."""
 
 from __future__ import annotations
 

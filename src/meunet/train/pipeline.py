@@ -21,9 +21,9 @@ from meunet.data.normalization import Normalization
 from meunet.data.patches import PatchDataset
 from meunet.data.sampling import PatchIndex, fold_regions, without_regions
 from meunet.errors import InputError
-from meunet.infer import SlidingWindow
+from meunet.infer import SlidingWindow, image_input, stage1_input
 from meunet.infer.postprocess import choose_rules
-from meunet.io import atomic_output, output_lock
+from meunet.io import output_lock, write_json
 from meunet.models import Cascade, MeUNet, UNet3D, load_model_dir, save_model_dir
 from meunet.train.checkpoint import load_checkpoint, save_checkpoint
 from meunet.train.config import TrainConfig
@@ -31,8 +31,6 @@ from meunet.train.data import TrainingData, open_array, prepare_data, resolve_sp
 from meunet.train.inference import (
     cache_stage1_output,
     file_digest,
-    image_input,
-    probability_input,
     validation_dice,
     validation_labels,
 )
@@ -167,7 +165,7 @@ def _fit(
         for i, pair in enumerate(data.split.validation):
             inputs = [image_input(open_array(pair.image), norm)]
             if caches is not None:
-                inputs.append(probability_input(zarr.open_array(str(caches["validation"][i]), mode="r")))
+                inputs.append(stage1_input(zarr.open_array(str(caches["validation"][i]), mode="r")))
             volumes.append((inputs, open_array(pair.label)))
         return validation_dice(net, volumes, n_classes, engine)
 
@@ -373,6 +371,16 @@ def train(
     Raises:
         InputError: a bad device, output state, data set or volume (one line naming the problem), or another
             run training into the same output.
+
+    >>> from meunet.train import parse_config
+    >>> config = parse_config({
+    ...     "output": str(tmp / "trained"), "stages": 1, "data": {"dataset": str(dataset)},
+    ...     "model": {"widths": [2, 4, 4, 4, 4], "norm": "batch", "checkpointing": False},
+    ...     "patch": {"size": 16}, "training": {"max_iterations": 2, "batch_size": 2, "progress": False},
+    ... }, "example")
+    >>> model_dir = train(config)
+    >>> sorted(p.name for p in model_dir.glob("*.pt"))
+    ['checkpoint_stage1.pt', 'stage1.pt']
     """
     started = time.monotonic() if started is None else started
     with output_lock(config.output):
@@ -451,16 +459,15 @@ def _choose_postprocessing(config: TrainConfig, data: TrainingData, out: Path, d
     pairs = []
     for i, pair in enumerate(data.split.validation):
         inputs = [image_input(open_array(pair.image), data.normalization)]
-        if bundle.stage2 is not None:
-            inputs.append(probability_input(zarr.open_array(str(out / CACHE_DIR / f"validation_{i}.zarr"))))
+        if bundle.cascade is not None:
+            inputs.append(stage1_input(zarr.open_array(str(out / CACHE_DIR / f"validation_{i}.zarr"))))
         truth = np.asarray(open_array(pair.label)).astype(np.uint8, copy=False)
         pairs.append((validation_labels(bundle.net, inputs, n_classes, engine), truth))
     rules, dice = choose_rules(pairs, n_classes)
     meta = json.loads((out / "model.json").read_text())
     meta["postprocessing"] = rules
     meta["postprocessing_validation_dice"] = dice
-    with atomic_output(out / "model.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(out / "model.json", meta)
     chosen = ", ".join(
         f"{data.split.classes[int(c)]}: {next(iter(r))} ({dice[c]['before']:.3f} -> {dice[c]['after']:.3f})"
         for c, r in rules.items()

@@ -8,7 +8,7 @@
 - :func:`calibrate`: a few training steps and inference windows timed on the device itself.
 
 Memory is not guessed: the tensors a training step saves for backward are counted exactly on the ``meta``
-device (:func:`meunet.bench.count_saved_bytes`), for the networks as they will be trained. The peak adds
+device (:func:`meunet.memory.count_saved_bytes`), for the networks as they will be trained. The peak adds
 what checkpointing brings back while a segment is recomputed (see :data:`RECOMPUTE_TENSORS`), the weights,
 their gradients and Adam's moments, and the inputs.
 """
@@ -32,6 +32,7 @@ from meunet.errors import InputError
 from meunet.infer import SlidingWindow
 from meunet.infer.postprocess import joined_components
 from meunet.io import iter_slabs, open_volume
+from meunet.memory import count_saved_bytes
 from meunet.models import PAPER_WIDTHS, Cascade, MeUNet, UNet3D
 from meunet.precision import autocast_dtype, cpu_has_bf16
 from meunet.train.config import ModelConfig, TrainConfig
@@ -244,8 +245,6 @@ def _training_step(stage: int, spec: Spec, device: str):
 @cache
 def _counted(stage: int, spec: Spec) -> tuple[int, int, int]:
     """(activation bytes, trainable parameters, all parameters) of a training step, counted on ``meta``."""
-    from meunet.bench import count_saved_bytes  # here: meunet.bench imports meunet.train
-
     net, loss = _training_step(stage, spec, "meta")
     activations = count_saved_bytes(loss, exclude=[*net.parameters(), *net.buffers()])[1]
     trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)

@@ -1,4 +1,4 @@
-"""Memory of one training step for the networks of design sections 2-3, measured as design section 4 says.
+"""Memory of one training step for the networks of docs/method.md sections 1-3, measured as section 7 says.
 
 For each configuration one training step (forward, W_D loss, backward) is run and reported as a record:
 
@@ -33,9 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from meunet.models import PAPER_WIDTHS, Cascade, MeUNet, UNet3D
-from meunet.precision import AUTOCAST, autocast_dtype
-from meunet.train.loss import wd_loss
+from meunet.models import PAPER_WIDTHS, Cascade, MeUNet, UNet3D, context_side
+from meunet.precision import AUTOCAST, autocast, autocast_dtype
 
 CONFIGS = (
     "unet-local",
@@ -67,7 +66,7 @@ class StepSetting:
 
     Attributes:
         patch: side of the local patch (voxels).
-        context_scale: context side / local side; the context side is ``round(patch * context_scale)``.
+        context_scale: context side / local side (see :func:`meunet.models.context_side`).
         batch: patches per step.
         widths: five encoder widths.
         precision: ``fp32``, ``bf16`` or ``fp16``.
@@ -84,7 +83,7 @@ class StepSetting:
     @property
     def context(self) -> int:
         """Side of the context patch (voxels), e.g. 240 for 160 and 1.5."""
-        return round(self.patch * self.context_scale)
+        return context_side(self.patch, self.context_scale)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -103,6 +102,10 @@ def build_step(config: str, setting: StepSetting) -> tuple[nn.Module, Callable[[
     Returns:
         (model, loss_fn): ``loss_fn()`` returns the float32 scalar loss of one forward pass.
     """
+    from meunet.train.loss import (
+        wd_loss,  # here: meunet.train imports meunet.infer, which imports this module
+    )
+
     if config not in CONFIGS:
         raise ValueError(f"config must be one of {CONFIGS}, not {config!r}")
     torch.manual_seed(0)
@@ -171,12 +174,6 @@ def count_saved_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = (
     return result, sum(seen.values())
 
 
-def _autocast(setting: StepSetting):
-    if setting.precision == "fp32" or setting.device == "meta":
-        return nullcontext()
-    return torch.autocast(setting.device, dtype=autocast_dtype(setting.precision))
-
-
 def measure_step(config: str, setting: StepSetting) -> dict[str, Any]:
     """One training step of ``config`` in this process: a record with the keys of :data:`RECORD_KEYS`.
 
@@ -190,7 +187,7 @@ def measure_step(config: str, setting: StepSetting) -> dict[str, Any]:
 
     def step() -> int:
         model.zero_grad(set_to_none=True)
-        with _autocast(setting):
+        with autocast(setting.precision, setting.device):
             loss, saved = count_saved_bytes(loss_fn, exclude=state)
         loss.backward()
         return saved
@@ -224,19 +221,21 @@ def measure_step(config: str, setting: StepSetting) -> dict[str, Any]:
 _PROC = Path("/proc/self")
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
     """Start the peak-RSS count afresh (Linux: ``clear_refs`` 5); elsewhere the peak since start stays."""
     if (_PROC / "clear_refs").exists():
         (_PROC / "clear_refs").write_text("5")
 
 
-def _peak_rss_bytes() -> int:
-    """Peak resident set size of this process: ``VmHWM`` on Linux, else ``ru_maxrss`` (bytes on macOS)."""
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process, in bytes: ``VmHWM`` on Linux (since the last
+    :func:`reset_peak_rss`), else ``ru_maxrss`` (kilobytes, bytes on macOS)."""
     if (_PROC / "status").exists():
         for line in (_PROC / "status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _child() -> None:
@@ -246,7 +245,7 @@ def _child() -> None:
     """
     import torch._dynamo  # noqa: F401  (checkpointing imports it lazily: load it in both kinds of child)
 
-    _reset_peak_rss()
+    reset_peak_rss()
     request = json.loads(sys.argv[1])
     setting = StepSetting(**{**request["setting"], "widths": tuple(request["setting"]["widths"])})
     if request["build_only"]:
@@ -254,12 +253,12 @@ def _child() -> None:
         record: dict[str, Any] = {}
     else:
         record = measure_step(request["config"], setting)
-    print(json.dumps({**record, "peak_rss": _peak_rss_bytes()}))
+    print(json.dumps({**record, "peak_rss": peak_rss_bytes()}))
 
 
 def _run_child(build_only: bool, config: str, setting: StepSetting) -> dict[str, Any]:
     request = json.dumps({"build_only": build_only, "config": config, "setting": asdict(setting)})
-    code = "from meunet.bench import _child; _child()"
+    code = "from meunet.memory import _child; _child()"
     done = subprocess.run([sys.executable, "-c", code, request], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark subprocess failed:\n{done.stderr[-2000:]}")

@@ -1,4 +1,4 @@
-"""meunet.bench and ``meunet bench memory``: exact saved-tensor bytes, ordering of the configurations."""
+"""meunet.memory and ``meunet bench memory``: exact saved-tensor bytes, ordering of the configurations."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from meunet.bench import CONFIGS, RECORD_KEYS, StepSetting, count_saved_bytes, measure_memory, measure_step
+from meunet.memory import CONFIGS, RECORD_KEYS, StepSetting, count_saved_bytes, measure_memory, measure_step
 
 W = (4, 8, 16, 32, 32)
 
