@@ -127,6 +127,29 @@ def test_killed_run_resumes_exactly_with_a_decaying_learning_rate(volumes, tmp_p
     assert _max_difference(_weights(tmp_path / "whole"), _weights(tmp_path / "split")) < 1e-6
 
 
+def test_resumed_stage_2_keeps_the_log_rows_of_both_stages(volumes, tmp_path, monkeypatch):
+    import meunet.train.loop as loop
+
+    save = loop.save_checkpoint
+
+    def die_at_stage_2_step_6(path, payload):
+        save(path, payload)
+        if payload["stage"] == 2 and payload["progress"]["iteration"] == 6:
+            raise KeyboardInterrupt
+
+    settings = {"stages": "both", "training.max_iterations": 9, "training.validate_every": 3}
+    settings["stage2.out_of_fold"] = False
+    config = _config(volumes, tmp_path / "m", **settings)
+    monkeypatch.setattr(loop, "save_checkpoint", die_at_stage_2_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_config(config, "cfg"))
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    train(parse_config(config, "cfg"), resume=True)
+    rows = (tmp_path / "m" / "train_log.csv").read_text().splitlines()[1:]
+    expected = [(stage, step) for stage in ("1", "2") for step in ("3", "6", "9")]
+    assert [tuple(r.split(",")[:2]) for r in rows] == expected
+
+
 def test_model_directory(volumes, tmp_path):
     out = train(parse_config(_config(volumes, tmp_path / "m"), "cfg"))
     meta = json.loads((out / "model.json").read_text())

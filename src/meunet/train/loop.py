@@ -278,10 +278,10 @@ def fit_stage(
         progress = Progress(**state["progress"])
     else:
         checkpoint.unlink(missing_ok=True)
-    log.keep_until(stage.number, progress.iteration)
     total = iteration_limit(config, len(stage.dataset))
     if progress.stopped_early or progress.iteration >= total:
-        return 0
+        return 0  # a finished stage leaves the log alone (a later stage's rows are kept)
+    log.keep_until(stage.number, progress.iteration)
     first = progress.iteration
 
     batch_size = training.batch_size
