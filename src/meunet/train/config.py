@@ -101,7 +101,7 @@ class ModelConfig(_Strict):
     classes: list[str] | None = Field(None, min_length=2)
     stage1: Literal["meunet", "unet"] = "meunet"
     widths: list[int] = Field([16, 32, 64, 128, 128], min_length=5, max_length=5)
-    norm: Literal["batch", "instance"] = "batch"
+    norm: Literal["batch", "instance"] = "instance"
     checkpointing: bool = True
     fusion: Literal["post", "pre"] = "post"
 
