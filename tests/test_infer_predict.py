@@ -216,6 +216,10 @@ def test_killed_zarr_prediction_resumes_to_same_labels(models, cascade_run, tmp_
     args = [sys.executable, script, models["post"], cascade_run["image"], output]
     assert subprocess.run(args, env=env, check=False).returncode == -9
     assert not output.exists() and (tmp_path / ".out.zarr.partial").is_dir()
+    for other in ({"model_dir": models["single"]}, {"overlap": 0.25}):
+        args = {"model_dir": models["post"], **other}
+        with pytest.raises(InputError, match="made by another model, input or settings"):
+            predict(input=cascade_run["image"], output=output, progress=False, resume=True, **args)
     stats = predict(models["post"], cascade_run["image"], output, progress=False, resume=True)
     assert (
         stats["windows"] == 2 + 3
@@ -296,6 +300,25 @@ def test_invalid_settings_are_one_input_error_line(cli, models, tmp_path, option
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: settings: ") and message in result.stderr
     assert not (tmp_path / "a.npy").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("--overlap", "0.999"),
+            r"overlap 0.999 places 188,752,251 windows .* at most 1,000\): use an overlap",
+        ),
+        (("--window", "4000", "4000", "4000"), r"prediction needs about \d+\.\d+ GiB, only"),
+    ],
+)
+def test_absurd_window_counts_and_sizes_are_refused_before_any_work(cli, models, tmp_path, args, message):
+    """An overlap near 1 (millions of windows) or a window of 4000^3 (a 238 GiB importance map, made only
+    after the memory estimate) is one line, and nothing is written."""
+    image = _image(tmp_path / "image.npy")
+    result = cli("predict", models["single"], image, tmp_path / "a.npy", *args, "--no-progress")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and re.search(message, result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.npy"]
 
 
 def test_probabilities_keep_the_inputs_geometry(models, tmp_path):

@@ -221,6 +221,45 @@ def test_resume_continues_a_killed_write(tmp_path, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
+def _damage(partial, name: str, volume: Volume) -> None:
+    """Spoil slices 4..8 of a partial output as a killed run or a failing disk would."""
+    if name.endswith(".zarr"):
+        chunk = partial / name / "0" / "c" / "1" / "0" / "0"  # z chunk 1 of (4, 9, 11) chunks
+        chunk.write_bytes(chunk.read_bytes()[:5])  # cut short
+    elif name.endswith(".npy"):
+        array = np.load(partial / name, mmap_mode="r+")
+        array[5] = 255 - volume.array[5]  # flipped bits, same length
+        array.flush()
+    else:
+        (partial / name / "slice_00006.tif").unlink()
+
+
+@pytest.mark.parametrize("name", ["a.zarr", "a.npy", "slices"])
+def test_resume_keeps_only_slabs_that_read_back_and_refuses_another_run(tmp_path, name):
+    volume = _volume("uint8", (12, 9, 11))
+    shape = volume.array.shape
+    args = {"like": volume, "chunks": (4, 9, 11), "resume": True}
+    first = create_writer(tmp_path / name, shape, np.uint8, **args, run={"model": "A"})
+    with pytest.raises(KeyboardInterrupt), first as w:
+        for z0 in (0, 4, 8):
+            w.write(z0, volume.array[z0 : z0 + 4])
+        raise KeyboardInterrupt
+    with (
+        pytest.raises(InputError, match="made by another model, input or settings"),
+        create_writer(tmp_path / name, shape, np.uint8, **args, run={"model": "B"}),
+    ):
+        pass
+    partial = tmp_path / f".{name}.partial"
+    _damage(partial, name, volume)
+    with open(partial / "progress.jsonl", "a") as log:
+        log.write("[8, 1")  # a line torn by the kill
+    with create_writer(tmp_path / name, shape, np.uint8, **args, run={"model": "A"}) as writer:
+        assert writer.is_written(0, 4) and writer.is_written(8, 12)
+        assert not writer.is_written(4, 5) and not writer.is_written(7, 8)
+        writer.write(4, volume.array[4:8])
+    np.testing.assert_array_equal(read_volume(tmp_path / name).array, volume.array)
+
+
 def test_resume_needs_a_random_access_format(tmp_path):
     with pytest.raises(InputError, match="resuming"):
         create_writer(tmp_path / "a.nrrd", (2, 2, 2), np.uint8, resume=True)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -98,6 +101,19 @@ def test_missing_file(cli, tmp_path):
         cli("convert", tmp_path / "nothere.tif", tmp_path / "o.nii"), tmp_path / "nothere.tif"
     )
     assert _only(tmp_path) == []
+
+
+def test_a_folder_without_a_volume_is_one_line_without_itk_warnings(tmp_path):
+    """GDCM writes its warnings straight to the process's stderr: run the command in a process of its own."""
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "meunet", "info", tmp_path / "empty"]
+    result = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert (
+        result.stderr
+        == f"error: {tmp_path / 'empty'}: the folder holds no TIFF slices, DICOM series or Zarr store\n"
+    )
 
 
 def test_unknown_extension(cli, volume_path, tmp_path):

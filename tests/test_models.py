@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 
 import pytest
 import torch
@@ -189,7 +191,15 @@ def test_model_dir_round_trip(tmp_path):
         torch.testing.assert_close(bundle.net(image), cascade.stage1(image))
 
 
-def test_model_dir_errors(tmp_path):
+class _Payload:
+    """A pickle that would run code when loaded without ``weights_only``."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('TMPDIR', '/tmp')}/ran",))
+
+
+def test_model_dir_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     model = MeUNet(1, 3, widths=W)
     path = tmp_path / "m"
     with pytest.raises(InputError, match="not found"):
@@ -200,9 +210,21 @@ def test_model_dir_errors(tmp_path):
     (path / "model.json").write_text(
         json.dumps({**meta, "stage1": {**meta["stage1"], "widths": [4, 8, 16, 32, 64]}})
     )
-    with pytest.raises(InputError, match="does not match") as err:
+    with pytest.raises(InputError, match=r"do not match .*: \d+ of another shape \(first ") as err:
         load_model_dir(path)
-    assert err.value.path.endswith("stage1.pt")
+    assert err.value.path.endswith("stage1.pt") and "\n" not in str(err.value)
+
+    bad_values = [
+        {"window": "abc"},
+        {"window": [48, 0, 48]},
+        {"postprocessing": {"1": "x"}},
+        {"postprocessing": {"0": {"min_size": 5}}},
+        {"postprocessing": {"1": {"min_size": -1}}},
+    ]
+    for bad in bad_values:
+        (path / "model.json").write_text(json.dumps({**meta, **bad}))
+        with pytest.raises(InputError, match=f"'{next(iter(bad))}' must"):
+            load_model_dir(path)
 
     (path / "model.json").write_text(json.dumps({**meta, "classes": ["a"]}))
     with pytest.raises(InputError, match="classes"):
@@ -215,8 +237,12 @@ def test_model_dir_errors(tmp_path):
     (path / "model.json").write_text(json.dumps(meta))
     data = (path / "stage1.pt").read_bytes()
     (path / "stage1.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputError, match="unreadable weights"):
+    with pytest.raises(InputError, match="unreadable as torch weights"):
         load_model_dir(path)
+    (path / "stage1.pt").write_bytes(pickle.dumps(_Payload()))
+    with pytest.raises(InputError, match="refused") as err:
+        load_model_dir(path)
+    assert "weights_only" not in str(err.value) and not (tmp_path / "ran").exists()
     (path / "stage1.pt").unlink()
     with pytest.raises(InputError, match="missing"):
         load_model_dir(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from meunet.errors import InputError
 from meunet.io import Volume, write_volume
 from meunet.models import PAPER_WIDTHS
 from meunet.train import load_config, parse_config, train
-from meunet.train.config import parse_duration
+from meunet.train.config import VolumePair, parse_duration
 from meunet.train.plan import (
     CPU_WIDTHS,
     MEMORY_FRACTION,
@@ -23,6 +24,7 @@ from meunet.train.plan import (
     Fingerprint,
     Spec,
     Timing,
+    fingerprint,
     peak_bytes,
     plan_run,
 )
@@ -86,6 +88,43 @@ def test_too_little_memory_or_time_says_what_the_smallest_plan_needs():
     cpu = DeviceInfo("cpu", "cpu", 8 * GIB, 2, False, present=False)
     with pytest.raises(InputError, match=r"too short .* needs about"):
         plan_run(FLY_DATA, cpu, {}, budget=10)
+
+
+CPU = DeviceInfo("cpu", "cpu", 8 * GIB, 2, False, present=False)
+
+
+@pytest.mark.parametrize(
+    ("shares", "fixed", "norm"),
+    [
+        ({32: 0.78, 48: 0.52, 64: 0.44}, {}, "batch"),  # the re-acquired fly: 97 % air
+        ({32: 0.3, 48: 0.06, 64: 0.0}, {}, "instance"),  # a synthetic fly (its body fills the windows)
+        ({}, {}, "instance"),  # nothing measured
+        ({48: 0.52}, {"model.norm": "instance"}, "instance"),  # the user's choice
+        ({48: 0.52}, {"training.batch_size": 1}, "instance"),  # batch statistics of one sample
+    ],
+)
+def test_the_norm_follows_the_share_of_flat_context_windows(shares, fixed, norm):
+    plan = plan_run(replace(FLY_DATA, flat_shares=shares), CPU, fixed)
+    assert plan.window == 48 and plan.value("model.norm") == norm
+    assert ("model.norm" in plan.planned) == ("model.norm" not in fixed)
+
+
+def test_the_fingerprint_measures_flat_windows_of_the_training_images(tmp_path):
+    """Mostly air with one textured object: the 48^3 windows of air are flat; noise everywhere is not."""
+    rng = np.random.default_rng(0)
+    air = rng.normal(20, 2, (96, 96, 96)).astype(np.float32)
+    air[:48, :48, :48] = rng.normal(120, 40, (48, 48, 48))
+    labels = (air > 60).astype(np.uint8)
+    textured = rng.normal(70, 40, air.shape).astype(np.float32)
+    pairs = []
+    for name, image in (("air", air), ("textured", textured)):
+        write_volume(tmp_path / f"{name}.npy", Volume(image))
+        write_volume(tmp_path / f"{name}_lab.npy", Volume(labels))
+        pairs.append(VolumePair(image=tmp_path / f"{name}.npy", label=tmp_path / f"{name}_lab.npy"))
+    shares = [fingerprint([p], [], ["background", "object"]).flat_shares for p in pairs]
+    assert shares[0][48] == 7 / 8 and shares[1][48] == 0.0
+    plan = plan_run(fingerprint(pairs[:1], [], ["background", "object"]), CPU, {})
+    assert plan.value("model.norm") == "batch"
 
 
 def test_durations():

@@ -130,9 +130,14 @@ def test_cli_synth_zarr_and_errors(cli, tmp_path):
 
     again = cli("synth", "porous", out, "--count", "1", "--shape", "24", "32", "32", "--no-progress")
     assert again.exit_code == 2 and again.stderr.startswith(f"error: {out}: ")
-    bad = cli("synth", "fly", tmp_path / "new", "--format", "png", "--no-progress")
-    assert bad.exit_code == 2 and "unknown format" in bad.stderr
-    assert not (tmp_path / "new").exists()
+    for args, message in (
+        (("--format", "png"), "unknown format"),
+        (("--seed", "-1"), "seed must be 0 or more, got -1"),
+        (("--snr", "inf"), "snr must be positive and finite, got inf"),
+    ):
+        bad = cli("synth", "fly", tmp_path / "new", "--count", "1", *args, "--no-progress")
+        assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr
+        assert not (tmp_path / "new").exists()
     forced = cli(
         "synth", "porous", out, "--count", "1", "--shape", "24", "32", "32", "--force", "--no-progress"
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +107,47 @@ def test_resume_continues_exactly(volumes, tmp_path, cli):
         line.split(",")[1] for line in (tmp_path / "split" / "train_log.csv").read_text().splitlines()[1:]
     ]
     assert logged == ["3", "4", "6", "8"]
+
+
+class _Payload:
+    """A pickle that would run code when loaded without ``weights_only``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _saved(payload) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def test_resume_from_a_broken_or_foreign_checkpoint_is_one_line(volumes, tmp_path, cli):
+    config = _config(volumes, tmp_path / "run", **{"training.max_iterations": 2})
+    train(parse_config(config, "cfg"))
+    checkpoint = tmp_path / "run" / "checkpoint_stage1.pt"
+    good = checkpoint.read_bytes()
+    config["training"]["max_iterations"] = 4
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(config))
+    wider = {**config, "model": {**config["model"], "widths": [4, 8, 8, 8, 8]}}
+    (tmp_path / "wider.yaml").write_text(yaml.safe_dump(wider))
+    cases = {
+        "unreadable as torch weights": (good[: len(good) // 2], "more.yaml"),
+        "refused (unpickling them could run code)": (pickle.dumps(_Payload(tmp_path / "ran")), "more.yaml"),
+        "not a meunet checkpoint": (_saved({"weights": torch.zeros(1)}), "more.yaml"),
+        "do not match model.json's architecture": (good, "wider.yaml"),
+    }
+    for message, (content, name) in cases.items():
+        checkpoint.write_bytes(content)
+        result = cli("train", tmp_path / name, "--resume")
+        *before, last = result.stderr.splitlines()
+        assert result.exit_code == 2 and last.startswith("error: ") and message in last, message
+        assert "Traceback" not in result.stderr and "weights_only" not in result.stderr
+        assert not before or "plan for" in before[0]  # the plan table, printed before the first step
+    assert not (tmp_path / "ran").exists()
 
 
 def test_killed_run_resumes_exactly_with_a_decaying_learning_rate(volumes, tmp_path, cli, monkeypatch):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -46,6 +45,7 @@ from meunet.io import (
     write_json,
     write_volume,
 )
+from meunet.models.bundle import model_digest, model_files
 
 DIRECT_FORMATS = ("zarr", "ome-zarr", "npy")  # read block by block in place; other inputs are converted
 # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also fixes glibc's mmap threshold at 128 KiB:
@@ -86,7 +86,7 @@ def _cached_predictor(model_dir: str, settings: PredictSettings, stamp: tuple) -
 
 def _predictor(job: _Job) -> Predictor:
     """The job's predictor, built once per worker process (again when the model's files change)."""
-    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in _model_files(Path(job.model_dir)))
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in model_files(job.model_dir))
     return _cached_predictor(job.model_dir, job.settings, stamp)
 
 
@@ -222,6 +222,8 @@ def predict_distributed(
     for path in [o for _, o in pairs] + ([] if stats_json is None else [Path(stats_json)]):
         check_new_output(path, force)
     volumes = [open_volume(i) for i, _ in pairs]
+    for (source, _), volume in zip(pairs, volumes, strict=True):
+        checked.check_windows(volume.array.shape, source)
     if pairs != [(Path(input), Path(output))]:
         Path(output).mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -266,7 +268,7 @@ def _prepare(writer, model_dir: Path, source: Path, volume, settings: PredictSet
     shape = writer.shape
     cores = plan_blocks(shape, _checked_block(block, writer.array.chunks, shape, settings.window))
     run = {
-        "model": _fingerprint(model_dir),
+        "model": model_digest(model_dir),
         "input": str(source.resolve()),
         "settings": dataclasses.asdict(settings),
         "block": cores[0],
@@ -316,19 +318,6 @@ def _checked_block(block, chunks, shape, window) -> tuple[int, int, int]:
     ):
         raise ValueError(f"block {block} must be three positive multiples of the output chunks {chunks}")
     return block  # type: ignore[return-value]
-
-
-def _model_files(model_dir: Path) -> list[Path]:
-    return [*sorted(model_dir.glob("*.pt")), model_dir / "model.json"]
-
-
-def _fingerprint(model_dir: Path) -> str:
-    """Digest of a model directory's weights and model.json."""
-    digest = hashlib.sha256()
-    for file in _model_files(model_dir):
-        digest.update(file.name.encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 def _check_settings(path: Path, settings: dict, output: Path) -> None:

@@ -45,26 +45,36 @@ def read_padded(array, start: Sequence[int], size: Sequence[int], fill: float | 
     return out
 
 
+def sample_stride(shape: tuple[int, ...], max_samples: int) -> int:
+    """The stride along each axis at which :func:`scan_image` keeps about ``max_samples`` voxels.
+
+    >>> sample_stride((150, 256, 256), 2_000_000)
+    2
+    """
+    return max(1, math.ceil((math.prod(shape) / max_samples) ** (1 / 3)))
+
+
 def scan_image(array, path: str | PathLike[str], max_samples: int = 2_000_000) -> np.ndarray:
     """Read a (Z, Y, X) image once, slab by slab: check it is finite, and keep a strided intensity sample.
 
     Args:
         array: (Z, Y, X) numpy or lazy array of any real dtype.
         path: named in errors.
-        max_samples: about how many voxels to keep (every ``stride``-th voxel along each axis).
+        max_samples: about how many voxels to keep (every :func:`sample_stride`-th voxel along each axis).
 
     Returns:
-        float32 (M,) intensities for :meth:`Normalization.fit`.
+        float32 (z, y, x) sample ``array[::stride, ::stride, ::stride]``, for :meth:`Normalization.fit`
+        and the planner's measure of flat windows.
 
     Raises:
         InputError: NaN or infinite intensities.
     """
-    stride = max(1, math.ceil((math.prod(array.shape) / max_samples) ** (1 / 3)))
+    stride = sample_stride(array.shape, max_samples)
     samples = []
     for z0, data in iter_slabs(array):
         if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
             raise InputError(path, f"NaN or infinite intensities (in slices {z0}..{z0 + len(data) - 1})")
-        samples.append(data[(-z0) % stride :: stride, ::stride, ::stride].astype(np.float32).ravel())
+        samples.append(data[(-z0) % stride :: stride, ::stride, ::stride].astype(np.float32))
     return np.concatenate(samples)
 
 

@@ -16,7 +16,8 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,13 @@ from meunet.infer.window import (
 )
 from meunet.io import Volume, VolumeWriter, check_new_output, create_writer, open_volume, write_json
 from meunet.memory import peak_rss_bytes
+from meunet.models.bundle import model_digest
 from meunet.models.cascade import stage1_fill
 
 SKIP_MARGIN = 10.0  # a skipped window's logits: 0 for background, -SKIP_MARGIN for the others
 ACTIVATION_FACTOR = 9  # inference activations ~ this x top width x window voxels x 4 bytes (measured, CPU)
 RUNTIME_BYTES = 192 << 20  # thread pools and allocator caches that forward passes and writers add
+MAX_COVERAGE = 1000  # refused above: the windows predict every voxel this many times on average (overlap 0.9)
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,8 @@ class Predictor:
     def __init__(self, model_dir: str | os.PathLike[str], settings: PredictSettings = PredictSettings()):
         from meunet.models import load_model_dir
 
-        model_json = Path(model_dir) / "model.json"
+        self.model_dir = Path(model_dir)
+        model_json = self.model_dir / "model.json"
         _check_device(settings.device)
         self.bundle = bundle = load_model_dir(model_dir, settings.device)
         if bundle.meta["in_channels"] != 1:
@@ -146,6 +150,38 @@ class Predictor:
             _skip_settings(self.normalization, self.n_classes, s.air_threshold) if s.skip_empty else {}
         )
         self.rules = (bundle.meta.get("postprocessing") or {}) if s.postprocess else {}
+
+    def check_windows(self, shape: Sequence[int], path: str | os.PathLike[str]) -> int:
+        """The number of windows over a (Z, Y, X) volume of ``shape``, counted without placing them.
+
+        Raises:
+            InputError: every voxel would be predicted more than :data:`MAX_COVERAGE` times on average (an
+                overlap close to 1), naming the count.
+        """
+
+        def count(overlap: float) -> int:
+            step = [w * (1 - overlap) for w in self.engine.window]
+            return math.prod(
+                1 if n <= w else math.ceil((n - w) / d) + 1
+                for n, w, d in zip(shape, self.engine.window, step, strict=True)
+            )
+
+        windows = count(self.engine.overlap)
+        padded = math.prod(max(n, w) for n, w in zip(shape, self.engine.window, strict=True))
+        coverage = windows * math.prod(self.engine.window) / padded
+        if coverage > MAX_COVERAGE:
+            raise InputError(
+                path,
+                f"overlap {self.engine.overlap} places {windows:,} windows of {self.engine.window} (every "
+                f"voxel predicted about {coverage:,.0f} times on average; at most {MAX_COVERAGE:,}): use an "
+                f"overlap of at most 0.9 (0.5 places {count(0.5):,})",
+            )
+        return windows
+
+    @cached_property
+    def digest(self) -> str:
+        """:func:`meunet.models.bundle.model_digest` of the model directory (what a resumed output checks)."""
+        return model_digest(self.model_dir)
 
     def image(self, array, path: str | os.PathLike[str] | None = None) -> Input:
         """The engine input of a raw (Z, Y, X) image (``path`` names it in a non-finite voxel's error)."""
@@ -192,6 +228,7 @@ class Predictor:
                 check_new_output(path, force)
         volume = open_volume(input)
         engine, n_classes, rules = self.engine, self.n_classes, self.rules
+        self.check_windows(volume.array.shape, input)
         estimate = estimate_peak_bytes(self.bundle, engine, volume, probabilities is not None)
         _check_memory(
             input, estimate, force, progress, f"{tuple(volume.array.shape)} voxels, window {engine.window}"
@@ -199,19 +236,33 @@ class Predictor:
         image = self.image(volume.array, input)
         shape = tuple(volume.array.shape)
         counts = WindowCounts()
+        run = {"model": self.digest, "input": str(Path(input).resolve()), "settings": asdict(self.settings)}
         # raw labels to be post-processed: a fixed name, so that --resume finds them
         raw = output.parent / f".{output.name}.raw.zarr" if rules else output
         with ExitStack() as stack:
             writers = [
                 stack.enter_context(
                     create_writer(
-                        raw, shape, label_dtype(n_classes), volume, force=force or bool(rules), resume=resume
+                        raw,
+                        shape,
+                        label_dtype(n_classes),
+                        volume,
+                        force=force or bool(rules),
+                        resume=resume,
+                        run={**run, "rules": rules},
                     )
                 )
             ]
             if probabilities is not None:
                 writer = create_writer(
-                    probabilities, shape, np.float16, volume, force=force, resume=resume, channels=n_classes
+                    probabilities,
+                    shape,
+                    np.float16,
+                    volume,
+                    force=force,
+                    resume=resume,
+                    channels=n_classes,
+                    run=run,
                 )
                 writers.append(stack.enter_context(writer))
             align = math.lcm(*(w.z_chunk for w in writers))

@@ -17,7 +17,8 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -197,13 +198,16 @@ class SlidingWindow:
     device: str = "cpu"
     precision: str = "fp32"
     tta: bool = False
-    _weights: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_settings(self.window, self.overlap, self.blend, self.batch, self.precision)
         object.__setattr__(self, "precision", resolve_precision(self.precision, self.device))
         object.__setattr__(self, "window", tuple(int(w) for w in self.window))
-        object.__setattr__(self, "_weights", importance_map(self.window, self.blend))
+
+    @cached_property
+    def _weights(self) -> np.ndarray:
+        """The window's importance map, made on first use (after any memory check of its window)."""
+        return importance_map(self.window, self.blend)
 
     def grid(self, shape: Shape3) -> list[list[int]]:
         """Window starts per axis for a volume of ``shape`` (z, y, x), after padding it up to the window."""

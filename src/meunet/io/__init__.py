@@ -159,6 +159,7 @@ def create_writer(
     force: bool = False,
     resume: bool = False,
     channels: int | None = None,
+    run: dict | None = None,
 ) -> VolumeWriter:
     """A streaming writer for a (Z, Y, X) volume: ``with create_writer(...) as w: w.write(z0, slab)``.
 
@@ -178,6 +179,10 @@ def create_writer(
         channels: write C per-voxel maps (class probabilities, stage-1 output) instead: one Zarr array
             (C, Z, Y, X) with chunks (C, 64, 64, 64) and ``like``'s geometry in its attributes
             (:class:`meunet.io._zarr.ChannelsWriter`); slabs are then (C, dz, Y, X).
+        run: JSON-able description of what makes the output (e.g. model digest, input and settings),
+            kept with the partial output: resuming one made by another ``run`` is refused. A resumed
+            writer also reads back every slab the earlier run logged and keeps only those whose CRC-32
+            matches the log (the others count as not written).
 
     Raises:
         InputError: unknown suffix (not ``.zarr`` with ``channels``), or the output exists and ``force``
@@ -205,7 +210,9 @@ def create_writer(
 
         if fmt != "zarr":
             raise InputError(path, "per-channel maps are written as Zarr: give a name ending in .zarr")
-        return ChannelsWriter(path, geometry, channels, resume, force)
+        writer = ChannelsWriter(path, geometry, channels, resume, force)
+        writer.run = run
+        return writer
     if fmt in ("nifti", "nifti-gz"):
         from meunet.io._nifti import NiftiWriter as Writer
     elif fmt == "tiff":
@@ -218,7 +225,9 @@ def create_writer(
         from meunet.io._itk import ItkWriter as Writer
     else:
         from meunet.io._npy import NpyWriter as Writer
-    return Writer(path, geometry, None if chunks is None else tuple(int(c) for c in chunks), resume, force)
+    writer = Writer(path, geometry, None if chunks is None else tuple(int(c) for c in chunks), resume, force)
+    writer.run = run
+    return writer
 
 
 def ome_levels(path: str | PathLike[str], mode: str = "r") -> list:

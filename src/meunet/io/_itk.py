@@ -74,10 +74,15 @@ def read_itk(path: Path) -> Volume:
 
 def dicom_series(folder: Path) -> list[str]:
     """File names of the single DICOM series in ``folder``, in slice order ([] when there is none)."""
-    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if len(ids) > 1:
-        raise InputError(folder, f"the folder holds {len(ids)} DICOM series; give a folder with one")
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])) if ids else []
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr of a folder without DICOM
+    try:
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        if len(ids) > 1:
+            raise InputError(folder, f"the folder holds {len(ids)} DICOM series; give a folder with one")
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])) if ids else []
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def read_dicom(folder: Path) -> Volume:

@@ -209,9 +209,14 @@ class TiffSlicesWriter(VolumeWriter):
         pass
 
     def _write(self, z0: int, slab: np.ndarray) -> None:
-        digits = max(5, len(str(self.shape[0] - 1)))
         opts = _tiff_options(self.geometry)
         opts["metadata"] = {k: v for k, v in opts["metadata"].items() if k != "axes"}
         opts.pop("bigtiff", None)
         for i, image in enumerate(slab):
-            tifffile.imwrite(self.target / f"slice_{z0 + i:0{digits}d}.tif", image, **opts)
+            tifffile.imwrite(self._slice(z0 + i), image, **opts)
+
+    def _read(self, z0: int, z1: int) -> np.ndarray:
+        return np.stack([tifffile.imread(self._slice(z)) for z in range(z0, z1)])
+
+    def _slice(self, z: int) -> Path:
+        return self.target / f"slice_{z:0{max(5, len(str(self.shape[0] - 1)))}d}.tif"

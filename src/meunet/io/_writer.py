@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zlib
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class VolumeWriter:
         self.partial = self.path.parent / f".{self.path.name}.partial"
         self.target = self.partial / self.path.name
         self._done = np.zeros(self.shape[0], dtype=bool)
+        self.run: dict | None = None  # what makes the output (model, input, settings): checked on resume
         self._log = None
         self._lock = ExitStack()
         self.z_chunk = 1  # slabs aligned to multiples of this depth write whole chunks (Zarr)
@@ -87,6 +89,10 @@ class VolumeWriter:
         raise NotImplementedError
 
     def _write(self, z0: int, slab: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _read(self, z0: int, z1: int) -> np.ndarray:
+        """Slices ``z0 : z1`` as written (resumable formats): what resuming verifies against the log."""
         raise NotImplementedError
 
     def _finish(self) -> None:
@@ -115,22 +121,28 @@ class VolumeWriter:
             "dtype": self.dtype.str,
             "chunks": self.chunks and list(self.chunks),
             "geometry": [list(g.spacing), list(g.origin), g.direction.tolist()],
+            "run": self.run,
         }
         if self.resume and (self.partial / PROGRESS).is_file():
             lines = (self.partial / PROGRESS).read_text().splitlines()
-            old = json.loads(lines[0])
-            state = old.pop("state")
+            try:
+                old = json.loads(lines[0])
+                state = old.pop("state")
+            except (ValueError, KeyError, AttributeError):
+                raise InputError(self.path, f"unreadable resume log {self.partial / PROGRESS}") from None
+            if old.pop("run", None) != json.loads(json.dumps(header.pop("run"))):
+                raise InputError(
+                    self.path,
+                    "the partial output was made by another model, input or settings; run without --resume",
+                )
             if old != header:
                 raise InputError(
                     self.path,
                     f"the partial output of an earlier run differs in shape, dtype, chunks or geometry "
                     f"({old}); remove {self.partial} or run without resuming",
                 )
-            for line in lines[1:]:
-                if line.strip():
-                    z0, z1 = json.loads(line)
-                    self._done[z0:z1] = True
             self._reopen(state)
+            self._verify(lines[1:])
         else:
             if self.partial.exists():
                 shutil.rmtree(self.partial)
@@ -143,6 +155,17 @@ class VolumeWriter:
                 raise
         self._log = open(self.partial / PROGRESS, "a")  # closed in __exit__
         return self
+
+    def _verify(self, lines: list[str]) -> None:
+        """Mark as written the logged slabs that read back with their logged CRC-32; the others (a torn
+        log line, a chunk corrupted or cut short when the earlier run was killed) are written again."""
+        for line in lines:
+            try:
+                z0, z1, crc = json.loads(line)
+                if zlib.crc32(np.ascontiguousarray(self._read(z0, z1), self.dtype)) == crc:
+                    self._done[z0:z1] = True
+            except Exception:
+                continue
 
     def write(self, z0: int, slab: np.ndarray) -> None:
         """Write ``slab`` (dz, Y, X), or (C, dz, Y, X) with :attr:`channels`, at slices ``z0 : z0 + dz`` of
@@ -161,12 +184,13 @@ class VolumeWriter:
         if not np.can_cast(slab.dtype, self.dtype, "safe"):
             raise TypeError(f"slab dtype {slab.dtype} does not cast safely to the output dtype {self.dtype}")
         z1 = z0 + slab.shape[-3]
+        slab = np.ascontiguousarray(slab, dtype=self.dtype)
         try:
-            self._write(z0, np.ascontiguousarray(slab, dtype=self.dtype))
+            self._write(z0, slab)
         except OSError as exc:
             raise (user_error(self.path, exc) or exc) from None
         self._done[z0:z1] = True
-        self._log.write(f"[{z0}, {z1}]\n")
+        self._log.write(f"[{z0}, {z1}, {zlib.crc32(slab)}]\n")
         self._log.flush()
 
     def is_written(self, z0: int, z1: int) -> bool:
@@ -244,6 +268,13 @@ class RawWriter(VolumeWriter):
         at, done = self._offset + z0 * self._slice_bytes, 0
         while done < len(view):
             done += os.pwrite(self._fd, view[done:], at + done)
+
+    def _read(self, z0: int, z1: int) -> np.ndarray:
+        size = (z1 - z0) * self._slice_bytes
+        data = os.pread(self._fd, size, self._offset + z0 * self._slice_bytes)
+        if len(data) != size:
+            raise ValueError("short read")
+        return np.frombuffer(data, self.dtype)
 
     def _release(self) -> None:
         if getattr(self, "_fd", None) is not None:

@@ -133,6 +133,9 @@ class ZarrWriter(VolumeWriter):
     def _write(self, z0: int, slab: np.ndarray) -> None:
         self.array[z0 : z0 + slab.shape[0]] = slab
 
+    def _read(self, z0: int, z1: int) -> np.ndarray:
+        return self.array[z0:z1]
+
 
 class ChannelsWriter(VolumeWriter):
     """C per-voxel maps (class probabilities, a cascade's stage-1 output) as one Zarr v3 array (C, Z, Y, X),
@@ -174,3 +177,6 @@ class ChannelsWriter(VolumeWriter):
 
     def _write(self, z0: int, slab: np.ndarray) -> None:
         self.array[:, z0 : z0 + slab.shape[1]] = slab
+
+    def _read(self, z0: int, z1: int) -> np.ndarray:
+        return self.array[:, z0:z1]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,7 +118,28 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise InputError(file, "'classes' must list one name per output class")
     if meta.get("stage2") is not None and not isinstance(meta["stage2"], dict):
         raise InputError(file, "'stage2' must be null or an architecture")
+    window = meta.get("window")
+    if window is not None and not (
+        isinstance(window, list) and len(window) == 3 and all(type(w) is int and w > 0 for w in window)
+    ):
+        raise InputError(file, f"'window' must be three positive integers (z, y, x), got {window!r}")
+    rules = meta.get("postprocessing") or {}
+    if not isinstance(rules, dict) or not all(_is_rule(k, r, len(classes)) for k, r in rules.items()):
+        raise InputError(
+            file,
+            "'postprocessing' must map foreground class indices to {\"largest_component\": true} or "
+            f'{{"min_size": N}}, got {rules!r}'[:300],
+        )
     return meta
+
+
+def _is_rule(key: str, rule: Any, n_classes: int) -> bool:
+    """Whether ``key: rule`` is a post-processing rule of :mod:`meunet.infer.postprocess`."""
+    if not (key.isdigit() and 0 < int(key) < n_classes and isinstance(rule, dict)):
+        return False
+    if list(rule) == ["largest_component"]:
+        return rule["largest_component"] is True
+    return list(rule) == ["min_size"] and type(rule["min_size"]) is int and rule["min_size"] > 0
 
 
 def _load_state(
@@ -123,21 +147,55 @@ def _load_state(
 ):
     if not file.is_file():
         raise InputError(file, "missing")
+    state = load_tensors(file, device)
+    load_matching(file, module, state, skip_prefix)
+
+
+def load_tensors(file: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """``torch.load`` with ``weights_only=True``: a dict of tensors and plain values, never code.
+
+    Raises:
+        InputError: truncated or not a torch file, objects other than tensors and plain values (refused
+            unpickling: a pickle can run code), or not a dict (one line).
+    """
     try:
-        state = torch.load(file, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns, on stderr, about the opcodes it refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(file, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(
+            file,
+            "holds objects other than tensors and plain values: refused (unpickling them could run code)",
+        ) from None
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise InputError(file, f"unreadable weights: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(file, f"unreadable as torch weights: {first}") from None
     if not isinstance(state, dict):
         raise InputError(file, "not a state dict")
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=skip_prefix is None)
-    except RuntimeError as exc:
-        raise InputError(file, f"does not match model.json's architecture: {exc}") from None
-    missing = [k for k in missing if skip_prefix is None or not k.startswith(skip_prefix)]
-    if missing or unexpected:
-        raise InputError(
-            file, f"does not match model.json's architecture: missing {missing}, unexpected {unexpected}"
+    return state
+
+
+def load_matching(file: Path, module: torch.nn.Module, state: dict, skip_prefix: str | None = None) -> None:
+    """Load ``state`` into ``module``; InputError (one line: what differs, the first case of each) unless
+    every tensor is there with its shape (keys under ``skip_prefix`` may be missing)."""
+    own = module.state_dict()
+    wrong = [k for k in state if k in own and getattr(state[k], "shape", None) != own[k].shape]
+    missing = [k for k in own if k not in state and not (skip_prefix and k.startswith(skip_prefix))]
+    unexpected = [k for k in state if k not in own]
+    parts = []
+    if wrong:
+        k = wrong[0]
+        shape = tuple(getattr(state[k], "shape", ()))
+        parts.append(
+            f"{len(wrong)} of another shape (first {k}: {shape}, the architecture's {tuple(own[k].shape)})"
         )
+    if missing:
+        parts.append(f"{len(missing)} missing (first {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first {unexpected[0]})")
+    if parts:
+        raise InputError(file, "tensors do not match model.json's architecture: " + "; ".join(parts))
+    module.load_state_dict(state, strict=False)
 
 
 def load_model_dir(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> ModelBundle:
@@ -167,3 +225,18 @@ def load_model_dir(path: str | os.PathLike[str], device: str | torch.device = "c
     if stage2 is not None:
         stage2.to(device).eval()
     return ModelBundle(meta=meta, stage1=stage1, cascade=stage2, classes=list(meta["classes"]))
+
+
+def model_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files a model directory's predictions depend on: its weights and ``model.json``."""
+    path = Path(path)
+    return [*sorted(path.glob("*.pt")), path / "model.json"]
+
+
+def model_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a model directory's weights and ``model.json`` (names and bytes), to tell models apart."""
+    digest = hashlib.sha256()
+    for file in model_files(path):
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -175,7 +176,7 @@ def generate_dataset(
     """
     out = Path(out_dir)
     shape = tuple(int(s) for s in (shape or DEFAULT_SHAPES.get(kind, (0, 0, 0))))
-    _check(out, kind, count, shape, snr, fmt, force)
+    _check(out, kind, count, shape, snr, seed, fmt, force)
     acq = make_acquisition(physics, snr, dtype)
     seeds = volume_seeds(seed, count)
     entries = [
@@ -241,23 +242,26 @@ def write_meta(out: Path, meta: dict) -> Path:
     return path
 
 
-def _check(out: Path, kind: str, count: int, shape, snr, fmt: str, force: bool) -> None:
+def _check(out: Path, kind: str, count: int, shape, snr, seed: int, fmt: str, force: bool) -> None:
     if kind not in KINDS:
         raise InputError(out, f"unknown phantom kind {kind!r}; choose one of {', '.join(KINDS)}")
     if count < 1:
         raise InputError(out, f"count must be at least 1, got {count}")
     if len(shape) != 3 or min(shape) < 16:
         raise InputError(out, f"shape must be three sizes (Z Y X) of at least 16, got {list(shape)}")
-    check_output(out, fmt, snr, force)
+    check_output(out, fmt, snr, seed, force)
 
 
-def check_output(out: Path, fmt: str, snr, force: bool) -> None:
-    """Raise :class:`InputError` for an unknown format, a non-positive ``snr``, or an ``out`` that is a file
+def check_output(out: Path, fmt: str, snr, seed: int, force: bool) -> None:
+    """Raise :class:`InputError` for an unknown format, an ``snr`` that is not positive and finite, a
+    negative ``seed``, or an ``out`` that is a file
     or holds a data set (``dataset.json``, ``img_*``, ``lab_*``) without ``force``."""
     if fmt not in FORMATS:
         raise InputError(out, f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if snr is not None and not snr > 0:
-        raise InputError(out, f"snr must be positive, got {snr}")
+    if snr is not None and not 0 < snr < math.inf:
+        raise InputError(out, f"snr must be positive and finite, got {snr}")
+    if seed < 0:
+        raise InputError(out, f"seed must be 0 or more, got {seed}")
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")
     if out.is_dir() and not force:

@@ -232,7 +232,7 @@ def from_labels(
     from tqdm import tqdm
 
     out = Path(out_dir)
-    check_output(out, fmt, snr, force)
+    check_output(out, fmt, snr, seed, force)
     volume, counts = scan_labels(labels)
     levels = seed_levels(len(counts), seed) if image is None else image_levels(image, volume, counts)
     names = class_names(labels, len(counts), classes)

@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from meunet.errors import InputError
 from meunet.io import atomic_output
+from meunet.models.bundle import load_tensors
 
 
 def rng_states() -> dict[str, Any]:
@@ -49,5 +51,13 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (on the CPU, ``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a checkpoint written by :func:`save_checkpoint` (on the CPU, ``weights_only=True``).
+
+    Raises:
+        InputError: truncated, foreign or not a dict holding ``net`` (one line; see
+            :func:`meunet.models.bundle.load_tensors`).
+    """
+    state = load_tensors(path)
+    if not isinstance(state.get("net"), dict):
+        raise InputError(path, "not a meunet checkpoint (no 'net' weights)")
+    return state

@@ -192,7 +192,7 @@ class TrainConfig(_Strict):
 
     output: Path
     stages: Literal["1", "2", "both"] = "both"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     data: DataConfig

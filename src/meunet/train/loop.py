@@ -23,6 +23,7 @@ from meunet.data.augment import (
 )
 from meunet.data.patches import PatchDataset
 from meunet.errors import InputError
+from meunet.models.bundle import load_matching
 from meunet.models.cascade import stage1_fill
 from meunet.precision import autocast, resolve_precision
 from meunet.train.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
@@ -270,12 +271,15 @@ def fit_stage(
     progress = Progress()
     if resume and checkpoint.exists():
         state = load_checkpoint(checkpoint)
-        stage.net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        generator.set_state(state["generator"])
-        restore_rng_states(state["rng"])
-        progress = Progress(**state["progress"])
+        load_matching(checkpoint, stage.net, state["net"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            generator.set_state(state["generator"])
+            restore_rng_states(state["rng"])
+            progress = Progress(**state["progress"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(checkpoint, f"not a resumable checkpoint of this run ({exc!r})"[:300]) from None
     else:
         checkpoint.unlink(missing_ok=True)
     total = iteration_limit(config, len(stage.dataset))

@@ -411,6 +411,9 @@ def _train(config: TrainConfig, resume: bool, force: bool, started: float) -> Pa
     device = resolve_device(config.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed patch and window sizes: pick fast kernels
     _check_output(out, stages, resume, force)
+    if resume:  # a broken or foreign checkpoint is one line before any work
+        for checkpoint in sorted(out.glob("*checkpoint*.pt")):
+            load_checkpoint(checkpoint)
     split = resolve_split(config)
     config, plan = _plan(config, split, device, started)
     stages = {"1": [1], "2": [2], "both": [1, 2]}[config.stages]  # the plan may train stage 1 alone

@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from typing import Any
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 
-from meunet.data.patches import scan_image
+from meunet.data.patches import sample_stride, scan_image
 from meunet.errors import InputError
 from meunet.infer import SlidingWindow
 from meunet.infer.postprocess import joined_components
@@ -78,6 +78,18 @@ FOLDS = 2
 MIN_STEPS = 20
 CASCADE_STEPS = 200
 """Fewest steps per training phase for which a budgeted plan trains stage 2 (and its folds) at all."""
+FLAT_STD = 0.3
+"""A window is flat when the standard deviation of its intensities is below this fraction of the training
+images' (a window of air, or of one tissue, and its noise)."""
+FLAT_SHARE = 0.25
+"""Batch norm where at least this share of the context windows of the training images is flat. Instance norm
+scales each window by its own statistics, so flat windows of different phases (air, tissue) look alike to
+it: the re-acquired fly of ``benchmarks/real_vs_threshold.py`` (97 % air, 57 % of its 48^3 windows flat)
+validated at mean foreground Dice 0.11 with instance norm and 0.83 with batch norm at step 100, while the
+synthetic flies (at most 6 % flat) learn faster with instance norm (gut 0.71 against 0.30), and bone, cement
+and sand have no flat window at 48^3."""
+FLAT_SIDES = tuple(range(16, 257, 16))
+"""Window sides at which :func:`fingerprint` measures the share of flat windows."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,8 @@ class Fingerprint:
         class_fractions: voxels of each class / all training voxels.
         object_sides: per foreground class, the cube side (voxels) of its 26-connected components' voxel
             counts: ``{"count", "median", "max"}``.
+        flat_shares: window side -> share of the training images' disjoint windows of that side that are
+            flat (see :data:`FLAT_STD`), for the sides of :data:`FLAT_SIDES`.
     """
 
     train_shapes: list[Shape3]
@@ -99,6 +113,42 @@ class Fingerprint:
     percentiles: dict[str, float]
     class_fractions: list[float]
     object_sides: dict[str, dict[str, float]] = field(default_factory=dict)
+    flat_shares: dict[int, float] = field(default_factory=dict)
+
+    def flat_share(self, side: int) -> float:
+        """The share of flat windows at the measured side nearest ``side`` (0 where none was measured)."""
+        if not self.flat_shares:
+            return 0.0
+        return self.flat_shares[min(self.flat_shares, key=lambda s: (abs(int(s) - side), s))]
+
+
+def flat_shares(samples: list[np.ndarray], strides: list[int], sides=FLAT_SIDES) -> dict[int, float]:
+    """Share of disjoint windows whose intensity standard deviation is below :data:`FLAT_STD` of all the
+    samples', per window side.
+
+    Args:
+        samples: (z, y, x) strided samples of the volumes (:func:`scan_image`), each taken every
+            ``strides[i]`` voxels, so a window of side ``s`` covers ``s / strides[i]`` samples (at least 2).
+        sides: window sides, in voxels of the volumes; a window is cut to a volume smaller than it.
+
+    >>> flat = np.zeros((32, 32, 64), np.float32)
+    >>> flat[:, :, 32:] = np.random.default_rng(0).normal(size=(32, 32, 32))
+    >>> flat_shares([flat], [1], (32,))
+    {32: 0.5}
+    """
+    overall = float(np.concatenate([s.ravel() for s in samples]).std())
+    shares = {}
+    for side in sides:
+        flat = total = 0
+        for sample, stride in zip(samples, strides, strict=True):
+            window = [min(max(2, round(side / stride)), n) for n in sample.shape]
+            counts = [n // w for n, w in zip(sample.shape, window, strict=True)]
+            blocks = sample[tuple(slice(0, c * w) for c, w in zip(counts, window, strict=True))]
+            blocks = blocks.reshape(counts[0], window[0], counts[1], window[1], counts[2], window[2])
+            flat += int((blocks.std(axis=(1, 3, 5)) < FLAT_STD * overall).sum())
+            total += math.prod(counts)
+        shares[side] = round(flat / total, 4)
+    return shares
 
 
 def fingerprint(train: list, validation: list, classes: list[str]) -> Fingerprint:
@@ -106,17 +156,19 @@ def fingerprint(train: list, validation: list, classes: list[str]) -> Fingerprin
     ``label``; a label whose shape differs from its image's, or non-finite intensities: InputError)."""
     shapes = [tuple(check_pair(p)[0].array.shape) for p in validation]
     counts = np.zeros(len(classes), dtype=np.int64)
-    samples, sides = [], {name: [] for name in classes[1:]}
+    samples, strides, sides = [], [], {name: [] for name in classes[1:]}
     for pair in train:
         image, label = check_pair(pair)
         labels = label.array
-        samples.append(scan_image(image.array, pair.image, 2_000_000 // len(train) + 1))
+        per_volume = 2_000_000 // len(train) + 1
+        samples.append(scan_image(image.array, pair.image, per_volume))
+        strides.append(sample_stride(image.array.shape, per_volume))
         for _, slab in iter_slabs(labels):
             counts += np.bincount(slab.ravel(), minlength=len(classes))[: len(classes)]
         for c, name in enumerate(classes[1:], 1):
             sizes = joined_components(labels, c)[2]
             sides[name].extend(np.cbrt(sizes[sizes > 0]).tolist())
-    sample = np.concatenate(samples)
+    sample = np.concatenate([s.ravel() for s in samples])
     return Fingerprint(
         train_shapes=[tuple(open_volume(p.image).array.shape) for p in train],
         validation_shapes=shapes,
@@ -128,6 +180,7 @@ def fingerprint(train: list, validation: list, classes: list[str]) -> Fingerprin
             for name, s in sides.items()
             if s
         },
+        flat_shares=flat_shares(samples, strides),
     )
 
 
@@ -368,12 +421,13 @@ def _windows(shapes: list[Shape3], side: int) -> int:
 
 
 def choose_sizes(data: Fingerprint, device: DeviceInfo, fixed: dict[str, Any]) -> tuple[dict, Spec, dict]:
-    """Precision, widths, checkpointing, patch and batch: ``(keys, spec, peaks)`` with ``keys`` as in
+    """Precision, widths, checkpointing, patch, batch and norm: ``(keys, spec, peaks)`` with ``keys`` as in
     :attr:`Plan.keys` and ``peaks`` the estimated peak bytes per stage.
 
     GPU: the paper's widths, checkpointing, batch 4 and the largest local side of :data:`GPU_SIDES` whose
     steps (both stages) fit :data:`MEMORY_FRACTION` of the memory (then batch 2, 1). CPU: the narrow network
-    of :data:`CPU_WIDTHS`, no checkpointing, patch 32, batch 4.
+    of :data:`CPU_WIDTHS`, no checkpointing, patch 32, batch 4. Both: batch norm where at least
+    :data:`FLAT_SHARE` of the context windows are flat, instance norm elsewhere.
 
     Raises:
         InputError: no plan fits the memory (the message says what the smallest needs).
@@ -456,6 +510,19 @@ def choose_sizes(data: Fingerprint, device: DeviceInfo, fixed: dict[str, Any]) -
     else:
         why = f"small patches are what a CPU trains at a useful speed ({share}){seen}"
     keys_set(keys, fixed, "patch.size", spec.patch, why)
+    flat = data.flat_share(spec.context)
+    context = f"{flat:.0%} of the training images' {spec.context}^3 windows are flat"
+    if flat < FLAT_SHARE:
+        why = f"{context}: instance norm learns contrast, whatever each scan's brightness"
+    elif spec.batch == 1:
+        why = f"{context}, but batch statistics of one sample are poor"
+    else:
+        why = f"{context} (air or one tissue): instance norm would make them look alike"
+    norm = "batch" if flat >= FLAT_SHARE and spec.batch > 1 else "instance"
+    norm = keys_set(keys, fixed, "model.norm", norm, why)
+    if norm != spec.norm:
+        spec = replace(spec, norm=norm)
+        peaks = {"stage 1": peak_bytes(1, spec), "stage 2": peak_bytes(2, spec)}
     keys_set(
         keys,
         fixed,
@@ -655,6 +722,7 @@ PLANNED_KEYS = (
     "precision",
     "model.widths",
     "model.checkpointing",
+    "model.norm",
     "patch.size",
     "training.batch_size",
     "training.workers",
