@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from meunet.errors import InputError
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -73,3 +75,47 @@ def test_demo_into_a_file_is_refused(tmp_path: Path, cli):
     result = cli("demo", "--out", tmp_path / "file", "--quick")
     assert result.exit_code == 2 and "exists and is not a folder" in result.stderr
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_force_deletes_only_what_an_earlier_demo_wrote(tmp_path: Path, cli):
+    """Without a manifest the demo's names are someone else's; with a finished demo's manifest a file it
+    does not list is someone else's; a killed demo's (incomplete) manifest gives its outputs back."""
+    from meunet.demo import MANIFEST, _prepare
+
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "scan.tif").write_text("mine")
+    result = cli("demo", "--out", out, "--quick", "--force", "--no-progress")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "was not written by an earlier meunet demo" in result.stderr
+    assert (out / "data" / "scan.tif").read_text() == "mine" and not (out / MANIFEST).exists()
+
+    (out / "data" / "scan.tif").unlink()
+    (out / "data" / "img_000.nii").write_text("demo's")
+    (out / "notes.txt").write_text("mine")
+    finished = {"outputs": ["data", "model"], "files": ["data/img_000.nii"]}
+    (out / MANIFEST).write_text(json.dumps(finished))
+    (out / "model").mkdir()
+    (out / "model" / "mine.pt").write_text("mine")
+    with pytest.raises(InputError, match=r"mine\.pt: was not written by an earlier meunet demo"):
+        _prepare(out, force=True)
+    assert (out / "data" / "img_000.nii").exists() and (out / "model" / "mine.pt").exists()
+
+    (out / "model" / "mine.pt").unlink()
+    _prepare(out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "notes.txt"]
+    assert json.loads((out / MANIFEST).read_text())["files"] is None  # this run's, until it finishes
+
+    (out / "model" / "checkpoint_stage1.pt").parent.mkdir()
+    (out / "model" / "checkpoint_stage1.pt").write_text("a killed demo's")
+    _prepare(out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "notes.txt"]
+
+
+def test_quick_demo_lists_every_file_it_wrote(quick_demo):
+    from meunet.demo import MANIFEST
+
+    out, _ = quick_demo
+    files = json.loads((out / MANIFEST).read_text())["files"]
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
+    assert files == written and "model/stage1.pt" in files and "data/img_000.nii" in files

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats
 
-from meunet.io import read_volume
+from meunet.errors import InputError
+from meunet.io import output_lock, read_volume
 from meunet.synth import Acquisition, fly_phantom, generate_dataset, iter_volume, make_phantom, porous_phantom
 from meunet.synth.dataset import volume_seeds
 
@@ -142,3 +143,10 @@ def test_cli_synth_zarr_and_errors(cli, tmp_path):
         "synth", "porous", out, "--count", "1", "--shape", "24", "32", "32", "--force", "--no-progress"
     )
     assert forced.exit_code == 0, forced.stderr
+
+
+def test_a_second_run_into_a_data_set_folder_stops_with_one_line(tmp_path):
+    with output_lock(tmp_path / "flies"):  # what a first run holds while it writes
+        with pytest.raises(InputError, match="another run is writing this output"):
+            generate_dataset(tmp_path / "flies", count=1, shape=(16, 16, 16), progress=False)
+    assert list((tmp_path / "flies").iterdir()) == []

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from meunet.errors import InputError
-from meunet.io import write_json
+from meunet.io import output_lock, write_json
 
 OUTPUTS = (
     "data",
@@ -37,6 +37,8 @@ OUTPUTS = (
     "report.md",
     "report.html",
 )
+MANIFEST = ".meunet-demo.json"
+"""What a demo wrote into its folder (written first, completed last): ``--force`` deletes only that."""
 
 
 @dataclass(frozen=True)
@@ -98,20 +100,47 @@ def train_mapping(out: Path, dataset: Path, settings: DemoSettings, progress: bo
 
 
 def _prepare(out: Path, force: bool) -> None:
-    """Refuse to overwrite an earlier demo (or anything else) without ``force``; with it, delete only the
-    demo's own outputs."""
+    """Refuse to overwrite an earlier demo (or anything else) without ``force``; with it, delete only what
+    an earlier demo wrote, as its :data:`MANIFEST` lists it (checked in full before anything is deleted);
+    then write this run's manifest before any output."""
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise InputError(out, "is not empty (use --force to replace the demo's outputs in it)")
-        for name in OUTPUTS:
-            path = out / name
+        for path in _earlier_outputs(out):
             if path.is_dir():
                 shutil.rmtree(path)
             else:
-                path.unlink(missing_ok=True)
+                path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / MANIFEST, {"outputs": list(OUTPUTS), "files": None})
+
+
+def _earlier_outputs(out: Path) -> list[Path]:
+    """The entries of ``out`` an earlier demo wrote. InputError if one of :data:`OUTPUTS` is there without
+    a manifest, or holds a file the manifest of a finished demo does not list (someone else's)."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        outputs, files = manifest["outputs"], manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        outputs, files = [], None
+    foreign = [out / n for n in OUTPUTS if (out / n).exists() and n not in outputs]
+    if files is not None:  # a finished demo: every file it wrote is listed
+        written = set(files)
+        foreign += [p for n in outputs for p in _files(out / n) if str(p.relative_to(out)) not in written]
+    if foreign:
+        raise InputError(
+            foreign[0], "was not written by an earlier meunet demo: --force replaces only the demo's outputs"
+        )
+    return [out / n for n in outputs if (out / n).exists()] + [out / MANIFEST]
+
+
+def _files(path: Path) -> list[Path]:
+    """``path`` itself if it is a file, else every file below it."""
+    if not path.exists():
+        return []
+    return [path] if not path.is_dir() else [p for p in path.rglob("*") if not p.is_dir()]
 
 
 def run_demo(
@@ -130,8 +159,16 @@ def run_demo(
         volume), ``mean_foreground_dice``, ``report`` and ``report_html`` (paths), ``machine``.
 
     Raises:
-        InputError: ``out`` is a file, or not empty and ``force`` is not given.
+        InputError: ``out`` is a file, or not empty and ``force`` is not given, or another demo is
+            writing into it.
     """
+    out = Path(out)
+    with output_lock(out):
+        return _run(out, QUICK if quick else FULL, force, progress)
+
+
+def _run(out: Path, settings: DemoSettings, force: bool, progress: bool) -> dict[str, Any]:
+    """:func:`run_demo`, under the lock of its folder."""
     from meunet.infer import predict
     from meunet.memory import StepSetting, measure_memory
     from meunet.metrics import evaluate
@@ -139,8 +176,6 @@ def run_demo(
     from meunet.train import parse_config, train
     from meunet.train.config import stage_mapping
 
-    out = Path(out)
-    settings = QUICK if quick else FULL
     _prepare(out, force)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -186,6 +221,8 @@ def run_demo(
     report, page = _report(out, summary, evaluation, memory)
     summary.update(report=str(report), report_html=str(page))
     write_json(out / "demo.json", summary, indent=1)
+    files = [str(p.relative_to(out)) for n in OUTPUTS for p in _files(out / n)]
+    write_json(out / MANIFEST, {"outputs": list(OUTPUTS), "files": sorted(files)})
     return summary
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from meunet.errors import InputError
-from meunet.io import write_json
+from meunet.io import output_lock, write_json
 from meunet.synth.acquisition import Acquisition, Phantom, default_workers, scan
 from meunet.synth.fly import design_fly
 from meunet.synth.porous import design_porous
@@ -183,37 +183,40 @@ def generate_dataset(
         {"image": f"img_{i:03d}.{fmt}", "label": f"lab_{i:03d}.{fmt}", "seed": s} for i, s in enumerate(seeds)
     ]
     out.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm
+    with output_lock(out):  # a second run into this folder stops with one line
+        from tqdm import tqdm
 
-    slabs = count * -(-shape[0] // slab_depth(shape))
-    bar = tqdm(total=slabs, unit="slab", disable=not progress, desc=f"synth {kind}")
-    with physics_pool(acq, workers) as pool, bar:
-        for entry in entries:
-            phantom = make_phantom(kind, shape, entry["seed"])
-            write_scan(out, entry, phantom, acq, pool, force, bar)
-    meta = {
-        "kind": kind,
-        "classes": list(phantom.classes),
-        "shape": list(shape),
-        "format": fmt,
-        "parameters": {
+        slabs = count * -(-shape[0] // slab_depth(shape))
+        bar = tqdm(total=slabs, unit="slab", disable=not progress, desc=f"synth {kind}")
+        with physics_pool(acq, workers) as pool, bar:
+            for entry in entries:
+                phantom = make_phantom(kind, shape, entry["seed"])
+                write_scan(out, entry, phantom, acq, pool, force, bar)
+        meta = {
             "kind": kind,
-            "count": count,
+            "classes": list(phantom.classes),
             "shape": list(shape),
-            "seed": seed,
-            "phantom": PHANTOM_SETTINGS[kind],
-            "acquisition": acq.to_dict(),
-        },
-        "volumes": entries,
-    }
-    if preview:
-        from meunet.io import open_volume
-        from meunet.synth.preview import save_preview
+            "format": fmt,
+            "parameters": {
+                "kind": kind,
+                "count": count,
+                "shape": list(shape),
+                "seed": seed,
+                "phantom": PHANTOM_SETTINGS[kind],
+                "acquisition": acq.to_dict(),
+            },
+            "volumes": entries,
+        }
+        if preview:
+            from meunet.io import open_volume
+            from meunet.synth.preview import save_preview
 
-        first = entries[0]
-        images, labels = (open_volume(out / first[key]).array for key in ("image", "label"))
-        save_preview(images, labels, out / "preview.png", phantom.classes, f"{kind}, seed {first['seed']}")
-    return write_meta(out, meta)
+            first = entries[0]
+            images, labels = (open_volume(out / first[key]).array for key in ("image", "label"))
+            save_preview(
+                images, labels, out / "preview.png", phantom.classes, f"{kind}, seed {first['seed']}"
+            )
+        return write_meta(out, meta)
 
 
 def write_scan(out: Path, entry: dict, phantom: Phantom, acq: Acquisition, pool, force: bool, bar, like=None):

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from meunet.errors import InputError
-from meunet.io import Volume, iter_slabs, open_volume
+from meunet.io import Volume, iter_slabs, open_volume, output_lock
 from meunet.synth.dataset import (
     check_output,
     make_acquisition,
@@ -242,25 +242,29 @@ def from_labels(
     acq = make_acquisition(physics, snr, dtype)
     entry = {"image": f"img_000.{fmt}", "label": f"lab_000.{fmt}", "seed": int(seed)}
     out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=-(-phantom.shape[0] // slab_depth(phantom.shape)), unit="slab", disable=not progress)
-    with physics_pool(acq, workers) as pool, bar:
-        write_scan(out, entry, phantom, acq, pool, force, bar, like=volume)
-    shape = list(phantom.shape)
-    meta = {
-        "kind": "from-labels",
-        "classes": names,
-        "shape": shape,
-        "format": fmt,
-        "parameters": {
+    with output_lock(out):  # a second run into this folder stops with one line
+        bar = tqdm(total=-(-phantom.shape[0] // slab_depth(phantom.shape)), unit="slab", disable=not progress)
+        with physics_pool(acq, workers) as pool, bar:
+            write_scan(out, entry, phantom, acq, pool, force, bar, like=volume)
+        shape = list(phantom.shape)
+        meta = {
             "kind": "from-labels",
-            "count": 1,
+            "classes": names,
             "shape": shape,
-            "seed": int(seed),
-            "source": {"labels": str(Path(labels).resolve()), "image": image and str(Path(image).resolve())},
-            "attenuation": phantom.levels,
-            "attenuation_from": "seed" if image is None else "image",
-            "acquisition": acq.to_dict(),
-        },
-        "volumes": [entry],
-    }
-    return write_meta(out, meta)
+            "format": fmt,
+            "parameters": {
+                "kind": "from-labels",
+                "count": 1,
+                "shape": shape,
+                "seed": int(seed),
+                "source": {
+                    "labels": str(Path(labels).resolve()),
+                    "image": image and str(Path(image).resolve()),
+                },
+                "attenuation": phantom.levels,
+                "attenuation_from": "seed" if image is None else "image",
+                "acquisition": acq.to_dict(),
+            },
+            "volumes": [entry],
+        }
+        return write_meta(out, meta)
