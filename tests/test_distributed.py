@@ -321,6 +321,18 @@ def test_existing_output_and_empty_folder_are_input_errors(data, client, tmp_pat
         predict_distributed(data["model"], tmp_path / "empty", tmp_path / "out", client, progress=False)
 
 
+def test_a_nan_voxel_stops_a_dask_run_naming_the_input(data, client, tmp_path):
+    """The worker's InputError reaches the client whole (it pickles), naming the file the user gave."""
+    image = _image().astype(np.float32)
+    image[20, 5, 5] = np.nan
+    write_volume(tmp_path / "nan.nii.gz", Volume(image))
+    with pytest.raises(InputError, match=r"nan\.nii\.gz: non-finite voxel \(NaN or infinity\) in slice z"):
+        predict_distributed(
+            data["model"], tmp_path / "nan.nii.gz", tmp_path / "out.zarr", client, progress=False
+        )
+    assert not (tmp_path / "out.zarr").exists()
+
+
 def test_post_processing_on_dask_equals_single_process(data, client, tmp_path):
     import json
 

@@ -83,11 +83,11 @@ def test_writer_finding_the_output_created_meanwhile_refuses(tmp_path):
 
 def test_checkpoint_locked_by_another_process(tmp_path, other_run):
     path = tmp_path / "checkpoint_stage1.pt"
-    save_checkpoint(path, {"step": 1})
+    save_checkpoint(path, {"net": {}, "step": 1})
     other_run(path)
     with pytest.raises(InputError, match="another run is writing"):
-        save_checkpoint(path, {"step": 2})
-    assert load_checkpoint(path) == {"step": 1}
+        save_checkpoint(path, {"net": {}, "step": 2})
+    assert load_checkpoint(path) == {"net": {}, "step": 1}
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [".checkpoint_stage1.pt.lock", "checkpoint_stage1.pt"]
 

@@ -146,6 +146,7 @@ def test_cli_synth_zarr_and_errors(cli, tmp_path):
 
 
 def test_a_second_run_into_a_data_set_folder_stops_with_one_line(tmp_path):
+    (tmp_path / "flies").mkdir()
     with output_lock(tmp_path / "flies"):  # what a first run holds while it writes
         with pytest.raises(InputError, match="another run is writing this output"):
             generate_dataset(tmp_path / "flies", count=1, shape=(16, 16, 16), progress=False)

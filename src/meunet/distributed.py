@@ -74,6 +74,7 @@ class _Job:
 
     model_dir: str
     image: str
+    source: str  # the input as the user named it (image may be a Zarr copy of it), for error messages
     labels: str  # the level-0 array of the output being written
     markers: str
     settings: PredictSettings  # window filled in from model.json
@@ -102,7 +103,7 @@ def _run_block(job: _Job, core: Region) -> tuple[int, int]:
     import zarr
 
     counts = WindowCounts()
-    labels = _predictor(job).block(open_volume(job.image).array, core, counts)
+    labels = _predictor(job).block(open_volume(job.image).array, core, counts, path=job.source)
     zarr.open_array(job.labels, mode="r+")[_slices(core)] = labels
     _marker(job, core).touch()
     return counts.windows, counts.skipped
@@ -280,7 +281,9 @@ def _prepare(writer, model_dir: Path, source: Path, volume, settings: PredictSet
         if not image.exists():
             write_volume(image, volume, chunks=writer.array.chunks, progress=progress)
     labels = writer.target.resolve() / "0"
-    job = _Job(str(model_dir), str(image), str(labels), str(scratch.resolve() / "done"), settings)
+    job = _Job(
+        str(model_dir), str(image), str(source), str(labels), str(scratch.resolve() / "done"), settings
+    )
     todo = [c for c in cores if not _marker(job, c).exists()]
     stats = {
         "input": str(source),

@@ -21,3 +21,6 @@ class InputError(Exception):
         self.path = str(path)
         self.message = message
         super().__init__(f"{self.path}: {message}")
+
+    def __reduce__(self):  # rebuilt from its two parts when it crosses processes (Dask workers)
+        return (InputError, (self.path, self.message))

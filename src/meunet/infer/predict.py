@@ -305,7 +305,9 @@ class Predictor:
                 out[z0 : z0 + scores.shape[1]] = labels_from_scores(scores)
         return apply_rules(out, self.rules) if self.rules else out
 
-    def block(self, image, core: Region, counts: WindowCounts | None = None) -> np.ndarray:
+    def block(
+        self, image, core: Region, counts: WindowCounts | None = None, path: str | None = None
+    ) -> np.ndarray:
         """Labels of one block of a volume, identical to those :meth:`predict` gives there.
 
         The block runs exactly the windows the whole volume's grid places over ``core``, in the same order
@@ -318,6 +320,7 @@ class Predictor:
                 its halo are read).
             core: ``[lo, hi)`` per axis of the block.
             counts: windows visited and skipped are added to it.
+            path: names the image in the error of a NaN or infinite voxel (InputError).
 
         Returns:
             labels of the core, shape ``(hi - lo)`` per axis.
@@ -330,12 +333,18 @@ class Predictor:
             (starts, span) if cascade is None else windows_over(grid, engine.window, span, shape)
         )
         raw = np.asarray(image[tuple(slice(lo, hi) for lo, hi in outer)])
-        inputs = [self.image(raw[within(span, outer)])]
+        inputs = [self.image(raw[within(span, outer)], path)]
         if cascade is not None:
             out = np.empty((cascade.stage1_channels, *(hi - lo for lo, hi in span)), np.float16)
             (z_lo, z_hi), rows, base = span[0], within(span, outer)[1:], outer[0][0]
-            slabs = stage1_slabs(cascade, self.image(raw), engine, starts=_relative(outer_starts, outer),
-                                 counts=counts, skip=self.skip)  # fmt: skip
+            slabs = stage1_slabs(
+                cascade,
+                self.image(raw, path),
+                engine,
+                starts=_relative(outer_starts, outer),
+                counts=counts,
+                skip=self.skip,
+            )
             for z0, slab in slabs:
                 a, b = max(base + z0, z_lo), min(base + z0 + slab.shape[1], z_hi)
                 if b > a:
@@ -447,8 +456,9 @@ def _relative(starts: Sequence[Sequence[int]], span: Region) -> list[list[int]]:
 # -- the cascade's stage-1 input ----------------------------------------------------------------------------
 def image_input(array, normalization: Normalization, path: str | os.PathLike[str] | None = None) -> Input:
     """The engine input of a raw (Z, Y, X) image: raw zeros past the border, then normalisation (as training
-    pads its patches); ``path`` names the file in a non-finite voxel's error."""
-    return Input(array, normalization.apply, 0.0, None if path is None else str(path))
+    pads its patches); a NaN or infinite voxel stops the stream with an InputError naming ``path`` (default
+    ``image``)."""
+    return Input(array, normalization.apply, 0.0, "image" if path is None else str(path))
 
 
 def stage1_input(array, stage1_output: str = "probs") -> Input:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from os import PathLike
 from pathlib import Path
 
 import numpy as np
 
 from meunet.errors import InputError
-from meunet.io import output_lock, write_json
+from meunet.io import output_lock, user_error, write_json
 from meunet.synth.acquisition import Acquisition, Phantom, default_workers, scan
 from meunet.synth.fly import design_fly
 from meunet.synth.porous import design_porous
@@ -182,8 +183,7 @@ def generate_dataset(
     entries = [
         {"image": f"img_{i:03d}.{fmt}", "label": f"lab_{i:03d}.{fmt}", "seed": s} for i, s in enumerate(seeds)
     ]
-    out.mkdir(parents=True, exist_ok=True)
-    with output_lock(out):  # a second run into this folder stops with one line
+    with dataset_folder(out):
         from tqdm import tqdm
 
         slabs = count * -(-shape[0] // slab_depth(shape))
@@ -217,6 +217,26 @@ def generate_dataset(
                 images, labels, out / "preview.png", phantom.classes, f"{kind}, seed {first['seed']}"
             )
         return write_meta(out, meta)
+
+
+@contextmanager
+def dataset_folder(out: Path) -> Iterator[None]:
+    """Create ``out`` (with its parents) and hold its lock while a data set is written into it: a second
+    run into the folder stops with one line; on failure, a folder this run created is removed again."""
+    created = not out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with output_lock(out):
+            out.mkdir(exist_ok=True)
+            yield
+    except OSError as exc:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise (user_error(out, exc) or exc) from None
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def write_scan(out: Path, entry: dict, phantom: Phantom, acq: Acquisition, pool, force: bool, bar, like=None):

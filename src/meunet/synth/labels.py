@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 
 from meunet.errors import InputError
-from meunet.io import Volume, iter_slabs, open_volume, output_lock
+from meunet.io import Volume, iter_slabs, open_volume
 from meunet.synth.dataset import (
     check_output,
+    dataset_folder,
     make_acquisition,
     physics_pool,
     slab_depth,
@@ -241,8 +242,7 @@ def from_labels(
     )
     acq = make_acquisition(physics, snr, dtype)
     entry = {"image": f"img_000.{fmt}", "label": f"lab_000.{fmt}", "seed": int(seed)}
-    out.mkdir(parents=True, exist_ok=True)
-    with output_lock(out):  # a second run into this folder stops with one line
+    with dataset_folder(out):
         bar = tqdm(total=-(-phantom.shape[0] // slab_depth(phantom.shape)), unit="slab", disable=not progress)
         with physics_pool(acq, workers) as pool, bar:
             write_scan(out, entry, phantom, acq, pool, force, bar, like=volume)

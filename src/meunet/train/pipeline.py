@@ -383,8 +383,14 @@ def train(
     ['checkpoint_stage1.pt', 'stage1.pt']
     """
     started = time.monotonic() if started is None else started
-    with output_lock(config.output):
-        return _train(config, resume, force, started)
+    created = not config.output.exists()
+    try:
+        with output_lock(config.output):
+            return _train(config, resume, force, started)
+    except BaseException:
+        if created and config.output.is_dir() and not any(config.output.iterdir()):
+            config.output.rmdir()  # what failed before anything was kept leaves nothing behind
+        raise
 
 
 def _plan(
