@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 import meunet.precision
+from meunet.data.patches import sample_stride
 from meunet.infer import Predictor, PredictSettings, predict
-from meunet.io import Volume, read_volume, write_volume
+from meunet.io import Volume, check_outputs, read_volume, write_volume
 from meunet.metrics import evaluate
 from meunet.models import context_side, stage1_fill
 from meunet.synth import generate_dataset
 from meunet.train import train
+from meunet.train.plan import flat_shares
 from test_infer_predict import _image, _model_dir
 from test_infer_window import _one_torch_thread  # noqa: F401 (autouse fixture: one torch thread here too)
 
@@ -25,6 +27,9 @@ EXAMPLES = [
     evaluate,
     context_side,
     stage1_fill,
+    check_outputs,
+    sample_stride,
+    flat_shares,
     meunet.precision,
 ]
 

@@ -36,7 +36,7 @@ from meunet.infer.window import Region, label_dtype
 from meunet.io import (
     PYRAMID_LEVELS,
     add_label_pyramid,
-    check_new_output,
+    check_outputs,
     create_writer,
     ome_levels,
     open_volume,
@@ -220,8 +220,7 @@ def predict_distributed(
     for _, target in pairs:
         if not target.name.endswith(".zarr"):
             raise InputError(target, "distributed prediction writes OME-Zarr: give an output ending in .zarr")
-    for path in [o for _, o in pairs] + ([] if stats_json is None else [Path(stats_json)]):
-        check_new_output(path, force)
+    check_outputs([o for _, o in pairs] + [stats_json], force, inputs=[i for i, _ in pairs])
     volumes = [open_volume(i) for i, _ in pairs]
     for (source, _), volume in zip(pairs, volumes, strict=True):
         checked.check_windows(volume.array.shape, source)

@@ -17,7 +17,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from meunet.errors import InputError
-from meunet.io import check_new_output, write_json
+from meunet.io import check_outputs, write_json
 
 
 def confusion_matrix(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
@@ -241,9 +241,7 @@ def evaluate(
     """
     from meunet.io import open_volume
 
-    for out in (json_file, overlay):
-        if out is not None:
-            check_new_output(out, force)
+    check_outputs((json_file, overlay), force, inputs=(pred, truth, image))
     volumes = {"prediction": (pred, open_volume(pred)), "truth": (truth, open_volume(truth))}
     if image is not None:
         volumes["image"] = (image, open_volume(image))

@@ -40,7 +40,7 @@ from meunet.infer.window import (
     windows_over,
     within,
 )
-from meunet.io import Volume, VolumeWriter, check_new_output, create_writer, open_volume, write_json
+from meunet.io import Volume, VolumeWriter, check_outputs, create_writer, open_volume, write_json
 from meunet.memory import peak_rss_bytes
 from meunet.models.bundle import model_digest
 from meunet.models.cascade import stage1_fill
@@ -223,9 +223,7 @@ class Predictor:
         """
         start = time.perf_counter()
         output = Path(output)
-        for path in (output, probabilities, stats_json):
-            if path is not None:
-                check_new_output(path, force)
+        check_outputs((output, probabilities, stats_json), force, inputs=(input,))
         volume = open_volume(input)
         engine, n_classes, rules = self.engine, self.n_classes, self.rules
         self.check_windows(volume.array.shape, input)

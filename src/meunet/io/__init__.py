@@ -18,7 +18,14 @@ import numpy as np
 
 from meunet.errors import InputError
 from meunet.io._pyramid import PYRAMID_LEVELS, add_label_pyramid, downsample_mode
-from meunet.io._safe import atomic_output, check_new_output, output_lock, user_error, write_json
+from meunet.io._safe import (
+    atomic_output,
+    check_new_output,
+    check_outputs,
+    output_lock,
+    user_error,
+    write_json,
+)
 from meunet.io._volume import LazyArray, Volume
 from meunet.io._writer import VolumeWriter
 
@@ -30,6 +37,7 @@ __all__ = [
     "add_label_pyramid",
     "atomic_output",
     "check_new_output",
+    "check_outputs",
     "create_writer",
     "downsample_mode",
     "iter_slabs",

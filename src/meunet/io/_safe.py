@@ -19,7 +19,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
@@ -40,6 +40,34 @@ def check_new_output(path: str | PathLike[str], force: bool) -> None:
     """
     if Path(path).exists() and not force:
         raise InputError(path, "output exists; use --force to overwrite it")
+
+
+def check_outputs(
+    outputs: Iterable[str | PathLike[str] | None],
+    force: bool,
+    inputs: Iterable[str | PathLike[str] | None] = (),
+) -> None:
+    """:func:`check_new_output` for each output given (None: not asked for), after checking that no output
+    is an input or another output of the same command (refused even with ``force``: writing it would
+    destroy what is being read, or one output would overwrite the other).
+
+    Raises:
+        InputError: an output that is an input or given twice, or that exists without ``force``.
+
+    >>> check_outputs(["labels.nii.gz", "labels.nii.gz"], force=True)
+    Traceback (most recent call last):
+    meunet.errors.InputError: labels.nii.gz: given for two outputs of one command; give each its own name
+    """
+    read = {Path(p).resolve() for p in inputs if p is not None}
+    written: set[Path] = set()
+    for path in (p for p in outputs if p is not None):
+        resolved = Path(path).resolve()
+        if resolved in read:
+            raise InputError(path, "is an input of this command too; write the output under another name")
+        if resolved in written:
+            raise InputError(path, "given for two outputs of one command; give each its own name")
+        written.add(resolved)
+        check_new_output(path, force)
 
 
 def user_error(path: str | PathLike[str], exc: OSError) -> InputError | None:
