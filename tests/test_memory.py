@@ -35,6 +35,15 @@ def test_meta_figures_equal_cpu_figures():
     assert meta["step_seconds"] is None and cpu["step_seconds"] > 0
 
 
+def test_at_paper_scale_every_stage_of_the_cascade_keeps_at_most_15_percent_of_a_plain_unet_on_240():
+    """Exact activation bytes on the meta device: stage 1 12.7 %, checkpointed post-concatenation stage 2
+    9.8 % of the plain U-net on the 240^3 field of view (160^3 local, batch 1, fp32, paper widths)."""
+    paper = StepSetting(device="meta")
+    plain = measure_step("unet-fov", paper)["activation_bytes"]
+    for config in ("meunet-stage1", "cascade-post-stage2", "cascade-pre-stage2"):
+        assert measure_step(config, paper)["activation_bytes"] <= 0.15 * plain, config
+
+
 def test_memory_ordering_at_small_size():
     records = {r["config"]: r for r in measure_memory(StepSetting(patch=32, batch=2, widths=W))}
     act = {k: r["activation_bytes"] for k, r in records.items()}

@@ -54,6 +54,24 @@ def test_checkpointed_unet_gives_same_gradients():
         torch.testing.assert_close(g_ckpt[name], g, rtol=1e-5, atol=1e-8, msg=name)
 
 
+def test_checkpointed_post_concatenation_stage_2_gives_same_gradients():
+    """Stage 2 and its fusion stage checkpointed (the default) train exactly as without checkpointing."""
+    torch.manual_seed(0)
+    stage1 = MeUNet(1, 3, widths=W, norm="batch")
+    plain = Cascade(stage1, UNet3D(1, 3, W, norm="batch"), "post")
+    ckpt = Cascade(stage1, _twin(plain.stage2, checkpointing=True), "post")
+    ckpt.fuse.load_state_dict(plain.fuse.state_dict())
+    x, cached = torch.randn(2, 1, 32, 32, 32), torch.rand(2, 3, 32, 32, 32).half()
+    target = torch.randint(0, 3, (2, 32, 32, 32))
+    for model in (plain, ckpt):
+        F.cross_entropy(model.train()(x, cached), target).backward()
+    g_plain, g_ckpt = _grads(plain), _grads(ckpt)
+    assert any(name.startswith("fuse.") for name in g_plain)
+    for name, g in g_plain.items():
+        if g is not None:
+            torch.testing.assert_close(g_ckpt[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_context_loss_reaches_only_deeper_levels():
     torch.manual_seed(0)
     model = MeUNet(1, 3, widths=W)

@@ -124,7 +124,7 @@ def build_step(config: str, setting: StepSetting) -> tuple[nn.Module, Callable[[
             model = MeUNet(1, N_CLASSES, widths=widths)
         else:
             fusion = "pre" if config == "cascade-pre-stage2" else "post"
-            stage2 = UNet3D(1 + (N_CLASSES if fusion == "pre" else 0), N_CLASSES, widths)
+            stage2 = UNet3D(1 + (N_CLASSES if fusion == "pre" else 0), N_CLASSES, widths, checkpointing=True)
             model = Cascade(MeUNet(1, N_CLASSES, widths=widths), stage2, fusion)
     model = model.to(device, dtype).train()
     image, labels = sample(side)
