@@ -84,7 +84,7 @@ images' (a window of air, or of one tissue, and its noise)."""
 FLAT_SHARE = 0.25
 """Batch norm where at least this share of the context windows of the training images is flat. Instance norm
 scales each window by its own statistics, so flat windows of different phases (air, tissue) look alike to
-it: the re-acquired fly of ``benchmarks/real_vs_threshold.py`` (97 % air, 57 % of its 48^3 windows flat)
+it: the re-acquired fly of ``benchmarks/real_vs_threshold.py`` (97 % air, 52 % of its 48^3 windows flat)
 validated at mean foreground Dice 0.11 with instance norm and 0.83 with batch norm at step 100, while the
 synthetic flies (at most 6 % flat) learn faster with instance norm (gut 0.71 against 0.30), and bone, cement
 and sand have no flat window at 48^3."""
