@@ -229,13 +229,11 @@ def dataset_folder(out: Path) -> Iterator[None]:
         with output_lock(out):
             out.mkdir(exist_ok=True)
             yield
-    except OSError as exc:
+    except BaseException as exc:
         if created:
             shutil.rmtree(out, ignore_errors=True)
-        raise (user_error(out, exc) or exc) from None
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise (user_error(out, exc) or exc) from None
         raise
 
 
