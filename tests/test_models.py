@@ -264,3 +264,21 @@ def test_model_dir_errors(tmp_path, monkeypatch):
     (path / "stage1.pt").unlink()
     with pytest.raises(InputError, match="missing"):
         load_model_dir(path)
+
+
+def test_bf16_weight_gradients_of_a_map_smaller_than_the_kernel_are_right_on_the_cpu():
+    """torch's CPU bf16 convolution got these wrong by up to 1e33 (the 2^3 bottleneck of a 32^3 patch)."""
+    from meunet.models.unet import Conv3d
+
+    torch.manual_seed(0)
+    conv = Conv3d(16, 16, 3, padding=1)
+    for _ in range(20):
+        x = torch.relu(torch.randn(4, 16, 2, 2, 2))
+        grad_out = torch.randn(4, 16, 2, 2, 2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x)
+        (bf16,) = torch.autograd.grad(y.float(), conv.weight, grad_out)
+        (fp32,) = torch.autograd.grad(
+            torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=1), conv.weight, grad_out
+        )
+        assert torch.allclose(bf16, fp32, rtol=0.02, atol=0.02 * float(fp32.abs().max()))
