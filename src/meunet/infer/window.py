@@ -343,7 +343,7 @@ class SlidingWindow:
                 out /= 8
             if self.blend == "vote":
                 out = torch.zeros_like(out).scatter_(1, out.argmax(1, keepdim=True), 1.0)
-        return out.cpu().numpy()
+        return out.cpu().contiguous().numpy()  # features without gradients are channels-last
 
     def _skip_output(self, skip_logits: Sequence[float]) -> np.ndarray:
         """What a skipped window contributes per channel: the logits, or their one-hot vote."""
