@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 PAPER_WIDTHS = (16, 32, 64, 128, 128)
-_MULTIPLE = 16  # 2 ** number of max-pools
+MULTIPLE = 16  # 2 ** number of max-pools
 
 _recompute = threading.local()
 
@@ -79,8 +79,8 @@ class ConvStage(nn.Sequential):
 
 
 CHANNELS_LAST = torch.channels_last_3d
-# parity a of an output voxel along one axis -> how the 3 taps of a kernel over a nearest-2x upsampled map fall
-# on the 2 low-resolution voxels p - 1 + a and p + a: rows are the 2 taps, columns the 3 taps of the kernel
+# parity a of an output voxel along one axis -> how the 3 taps of a kernel over a nearest-2x upsampled map
+# fall on the 2 low-resolution voxels p - 1 + a and p + a: rows are the 2 taps, columns the kernel's 3 taps
 _PARITY_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
 
 
@@ -154,7 +154,9 @@ def lean_module(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(shift.to(h.dtype), h, scale.to(h.dtype), out=h)
 
 
-def decode_consuming(stage: nn.Sequential, skips: list[torch.Tensor], box: list[torch.Tensor]) -> torch.Tensor:
+def decode_consuming(
+    stage: nn.Sequential, skips: list[torch.Tensor], box: list[torch.Tensor]
+) -> torch.Tensor:
     """A decoder stage without gradients: ``stage(cat([skip, upsample(deep)]))`` for the last skip of
     ``skips`` and the deeper output in ``box`` (both taken out and freed once used), with neither the
     concatenation nor the upsampled map ever made.
@@ -173,7 +175,7 @@ def decode_consuming(stage: nn.Sequential, skips: list[torch.Tensor], box: list[
     deep = box.pop()
     weight = conv.weight[:, c:]
     taps = _PARITY_TAPS.to(weight)
-    n, _, z, y, x = deep.shape
+    z, y, x = deep.shape[2:]
     for a, b, d in itertools.product((0, 1), repeat=3):
         kernel = torch.einsum("ui,vj,wk,ocijk->ocuvw", taps[a], taps[b], taps[d], weight)
         out = F.conv3d(deep, kernel, padding=1)[:, :, a : a + z, b : b + y, d : d + x]
@@ -185,7 +187,7 @@ def decode_consuming(stage: nn.Sequential, skips: list[torch.Tensor], box: list[
     return h
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int = _MULTIPLE) -> torch.Tensor:
+def pad_to_multiple(x: torch.Tensor, multiple: int = MULTIPLE) -> torch.Tensor:
     """Zero-pad (N, C, Z, Y, X) at the high end of Z, Y, X to multiples of ``multiple`` (no copy if none)."""
     pads = [(-s) % multiple for s in x.shape[2:]]
     if not any(pads):
