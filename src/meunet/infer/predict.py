@@ -60,13 +60,17 @@ from meunet.models.cascade import stage1_fill
 from meunet.models.unet import MULTIPLE
 
 SKIP_MARGIN = 10.0  # a skipped window's logits: 0 for background, -SKIP_MARGIN for the others
-# One forward pass without gradients (meunet.models.unet.UNet3D.lean_features) holds about ACTIVATION_MAPS
-# maps of the top level's width in the precision's bytes, plus ACTIVATION_VOXEL_BYTES a voxel (input, logits
-# and their float32 copies), per padded window voxel: measured on CPU (benchmarks/predict_memory.py).
-ACTIVATION_MAPS = 2.0
-ACTIVATION_VOXEL_BYTES = 6
+# One forward pass without gradients (meunet.models.unet.UNet3D.lean_features), per precision: it holds
+# `maps` maps of the top level's width in the precision's bytes plus `voxel` bytes (input, logits and their
+# copies) per padded window voxel, and the run adds `runtime` bytes (thread pools, oneDNN's kernels and
+# caches, the writers' buffers). Fitted to the peaks benchmarks/predict_memory.py measured on the CPU
+# (docs/inference.md: every row within -2 to +16 %); fp16 is taken to be bf16's (not measured).
+ACTIVATIONS = {
+    "fp32": {"maps": 1.9, "voxel": 16, "runtime": 96 << 20},
+    "bf16": {"maps": 2.2, "voxel": 4, "runtime": 32 << 20},
+    "fp16": {"maps": 2.2, "voxel": 4, "runtime": 32 << 20},
+}
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-RUNTIME_BYTES = 192 << 20  # thread pools and allocator caches that forward passes and writers add
 MEMORY_MARGIN = 0.9  # the default budget: this share of the memory available when prediction starts
 MAX_COVERAGE = 1000  # refused above: the windows predict every voxel this many times on average (overlap 0.9)
 
@@ -756,13 +760,14 @@ def peak_bytes(
 ) -> int:
     """Estimated peak resident memory of a prediction, in bytes: the sum of
 
-    - ``resident`` (the process before it starts) plus :data:`RUNTIME_BYTES` for thread pools and allocator
-      caches;
+    - ``resident`` (the process before it starts) plus the precision's ``runtime`` bytes
+      (:data:`ACTIVATIONS`);
     - the engine's accumulators (classes + 1 float32 maps of ``window_z x Y x X``, Y and X padded up to the
       window) and raw input slabs (``itemsize``, plus float16 stage-1 output for a cascade);
-    - one batch of windows in and out (float32);
-    - on the CPU, the network's activations: :data:`ACTIVATION_MAPS` maps of the top level's ``width`` in
-      the precision's bytes plus :data:`ACTIVATION_VOXEL_BYTES`, per window voxel padded to a multiple of 16
+    - one batch of input windows (float32) and the window's importance map (the outputs come when the
+      activations have gone);
+    - on the CPU, the network's activations: the precision's ``maps`` maps (:data:`ACTIVATIONS`) of the top
+      level's ``width`` in its bytes plus ``voxel`` bytes, per window voxel padded to a multiple of 16
       (measured: benchmarks/predict_memory.py, docs/inference.md). On another device they are the device's
       memory, not counted here;
     - the output slabs (uint8 labels, float32 scores, float16 probabilities) of one window depth plus one
@@ -774,11 +779,13 @@ def peak_bytes(
     padded = math.prod(-(-int(w) // MULTIPLE) * MULTIPLE for w in window)
     accumulators = (max(n_classes, stage1_channels) + 1) * wz * plane * 4
     input_slabs = wz * plane * (itemsize + 2 * stage1_channels)
-    batch_bytes = batch * wz * wy * wx * 4 * (1 + stage1_channels + 3 * n_classes)
-    per_voxel = ACTIVATION_MAPS * width * PRECISION_BYTES[precision] + ACTIVATION_VOXEL_BYTES
+    batch_bytes = wz * wy * wx * 4 * (batch * (1 + stage1_channels) + 1)  # inputs, the importance map
+    fit = ACTIVATIONS[precision]
+    per_voxel = fit["maps"] * width * PRECISION_BYTES[precision] + fit["voxel"]
     activations = batch * padded * per_voxel if str(device).startswith("cpu") else 0
     outputs = 2 * (wz + 64) * plane * (1 + (2 * n_classes + 8 if probabilities or stage1_channels else 0))
-    return int(resident + RUNTIME_BYTES + accumulators + input_slabs + batch_bytes + activations + outputs)
+    total = resident + fit["runtime"] + accumulators + input_slabs + batch_bytes + activations + outputs
+    return int(total)
 
 
 def _outputs(engine: SlidingWindow, scores: Iterable, probabilities: bool) -> Iterator[tuple[int, tuple]]:

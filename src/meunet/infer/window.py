@@ -313,7 +313,9 @@ class SlidingWindow:
                 stack.append(inp.prepare(self._pad(crop, inp.fill)))
         if not run:
             return
-        outputs = self._forward(net, [np.stack(stack) for stack in windows])
+        batches = [stack[0][None] if len(stack) == 1 else np.stack(stack) for stack in windows]
+        windows.clear()  # the batches hold the only copies while the net runs
+        outputs = self._forward(net, batches)
         for (y0, x0), out in zip(run, outputs, strict=True):
             out *= self._weights
             self._add(acc, weight_sum, y0, x0, out)
