@@ -37,6 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from infer_vs_monai import _make_model
+
 WIDTHS = {"narrow": (8, 16, 32, 64, 64), "default": (16, 32, 64, 128, 128)}
 RESULTS = Path(__file__).resolve().parent / "results" / "predict_memory.json"
 
@@ -59,22 +62,6 @@ def _child(model: str, image: str, output: str, window: int, precision: str) -> 
         "estimate_mib": stats["estimated_peak_bytes"] / 2**20,
         "peak_rss_mib": peak_rss_bytes() / 2**20,
     }
-
-
-def _make_model(path: Path, widths: tuple[int, ...], window: int) -> Path:
-    import torch
-
-    from meunet.data.normalization import Normalization
-    from meunet.models import MeUNet, save_model_dir
-
-    torch.manual_seed(0)
-    stage1 = MeUNet(1, 3, widths=widths, norm="instance")
-    meta = {
-        "classes": ["background", "gut", "crop"],
-        "normalization": Normalization(0.0, 255.0, 128.0, 64.0).to_dict(),
-        "window": [window] * 3,
-    }
-    return save_model_dir(path, meta, stage1, force=True)
 
 
 def _make_volume(path: Path, shape: tuple[int, int, int]) -> Path:
@@ -153,7 +140,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="predict-memory-") as tmp:
         tmp = Path(tmp)
         for part, widths, precision, window, shape in plan:
-            model = _make_model(tmp / "model", WIDTHS[widths], window)
+            model = _make_model(tmp / "model", window, WIDTHS[widths], norm="instance")
             image = _make_volume(tmp / "image.npy", shape)
             result = _run(model, image, tmp / "labels.zarr", window, precision, args.threads)
             subprocess.run(["rm", "-rf", str(tmp / "labels.zarr")], check=True)
