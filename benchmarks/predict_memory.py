@@ -18,9 +18,18 @@ Parts:
   ``src`` to measure that code (the children use whatever ``meunet`` the script imports).
 - ``issue``: the case of issue 19, a 240 x 256 x 256 volume with 240³ windows of the default network (4
   windows).
+- ``budget``: the ``meunet`` program itself (``python -m meunet.cli predict``, its own allocator settings,
+  ``--precision`` as given, default ``auto``) on a volume of ``--budget-shape`` (default 240 x 256 x 256;
+  the paper's is 1072 x 470 x 470) with the default network storing a ``--window`` window, once per
+  ``--memory-gib`` of ``--budgets``: the window it chose, its estimate, its peak RSS and time, and the share
+  of voxels whose labels equal those of the run with the stored window (run with ``--window`` if no budget
+  chose it). The weights are random, so the agreement only shows how much the window changes the network's
+  output, not what a trained model's labels would do.
 
-    .venv/bin/python benchmarks/predict_memory.py [--parts table window issue] [--windows 48 96 160 240]
-        [--widths narrow default] [--precisions fp32 bf16] [--threads 1] [--json FILE]
+    .venv/bin/python benchmarks/predict_memory.py [--parts table window issue budget]
+        [--windows 48 96 160 240]
+        [--widths narrow default] [--precisions fp32 bf16] [--window 240] [--budgets 1.5 8]
+        [--budget-shape 240 256 256] [--budget-precision auto] [--threads 1] [--json FILE]
 
 Prints a table and writes JSON (default benchmarks/results/predict_memory.json, rewritten after each run).
 """
@@ -88,24 +97,92 @@ def _run(model: Path, image: Path, output: Path, window: int, precision: str, th
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _cli(model: Path, image: Path, output: Path, options: list[str], threads: int) -> dict:
+    """``meunet predict`` as the program runs it; its stats, and the window line it printed."""
+    stats = output.with_suffix(".json")
+    cmd = [sys.executable, "-m", "meunet.cli", "predict", str(model), str(image), str(output)]
+    cmd += ["--stats-json", str(stats), *options]
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # the program sets its own
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": str(threads)})
+    if done.returncode != 0:
+        raise RuntimeError(f"meunet predict failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    line = next(x for x in done.stderr.splitlines() if x.startswith("meunet predict:"))
+    return {**json.loads(stats.read_text()), "line": line.removeprefix("meunet predict: ")}
+
+
+def _agreement(a: Path, b: Path) -> float:
+    """Share of voxels with equal labels in two label volumes, slab by slab."""
+    from meunet.io import open_volume
+
+    x, y = open_volume(a).array, open_volume(b).array
+    equal = sum(int((x[z : z + 64] == y[z : z + 64]).sum()) for z in range(0, x.shape[0], 64))
+    return equal / (x.shape[0] * x.shape[1] * x.shape[2])
+
+
+def _budget_runs(args, tmp: Path, record) -> None:
+    model = _make_model(tmp / "model", args.window, WIDTHS["default"], norm="instance")
+    image = _make_volume(tmp / "image.npy", tuple(args.budget_shape))
+    precision = ["--precision", args.budget_precision]
+    runs = {}
+    for gib in sorted(args.budgets, reverse=True):
+        runs[gib] = _cli(
+            model, image, tmp / f"labels_{gib}.zarr", [*precision, "--memory-gib", str(gib)], args.threads
+        )
+    reference = next((g for g, r in runs.items() if r["window"] == [args.window] * 3), None)
+    if reference is None:
+        window = [str(args.window)] * 3
+        options = [*precision, "--window", *window, "--force"]
+        runs["stored"] = _cli(model, image, tmp / "labels_stored.zarr", options, args.threads)
+        reference = "stored"
+    for gib, stats in runs.items():
+        agreement = _agreement(tmp / f"labels_{gib}.zarr", tmp / f"labels_{reference}.zarr")
+        record(
+            {
+                "part": "budget",
+                "budget_gib": gib,
+                "shape": args.budget_shape,
+                "precision": args.budget_precision,
+                "widths": "default",
+                "window": stats["window"][0],
+                "windows": stats["windows"],
+                "seconds": stats["seconds"],
+                "peak_rss_mib": stats["peak_rss_bytes"] / 2**20,
+                "estimate_mib": stats["estimated_peak_bytes"] / 2**20,
+                "agreement": agreement,
+                "line": stats["line"],
+            }
+        )
+
+
+def _budget_note(row: dict) -> str:
+    if "agreement" not in row:
+        return ""
+    return f"  --memory-gib {row['budget_gib']:g}, labels as the stored window's: {row['agreement']:.4%}"
+
+
 def _print_row(row: dict) -> None:
     shape = " x ".join(map(str, row["shape"]))
     over = 100 * (row["estimate_mib"] / row["peak_rss_mib"] - 1)
     print(
         f"{row['part']:<7}{row['widths']:<9}{row['precision']:<6}{row['window']:>6}  {shape:<16}"
         f"{row['windows']:>4}{row['seconds']:>8.1f}{row['peak_rss_mib']:>10.0f}{row['estimate_mib']:>10.0f}"
-        f"{over:>+8.1f}%",
+        f"{over:>+8.1f}%{_budget_note(row)}",
         flush=True,
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=["table", "window", "issue"], default=["table"])
+    parser.add_argument(
+        "--parts", nargs="+", choices=["table", "window", "issue", "budget"], default=["table"]
+    )
     parser.add_argument("--windows", type=int, nargs="+", default=[48, 96, 160, 240])
     parser.add_argument("--widths", nargs="+", choices=sorted(WIDTHS), default=["narrow", "default"])
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32", "bf16"])
     parser.add_argument("--window", type=int, default=240, help="side of the 'window' part's window")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.5, 8.0], help="--memory-gib values")
+    parser.add_argument("--budget-shape", type=int, nargs=3, default=[240, 256, 256], metavar=("Z", "Y", "X"))
+    parser.add_argument("--budget-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every subprocess")
     parser.add_argument("--json", type=Path, default=RESULTS, help="rewritten after each run")
     args = parser.parse_args()
@@ -137,6 +214,13 @@ def main() -> None:
         f"{'peak MiB':>10}{'est. MiB':>10}{'est/peak':>9}"
     )
     args.json.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(row: dict) -> None:
+        row["estimate_over_peak"] = row["estimate_mib"] / row["peak_rss_mib"]
+        rows.append(row)
+        _print_row(row)
+        args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="predict-memory-") as tmp:
         tmp = Path(tmp)
         for part, widths, precision, window, shape in plan:
@@ -144,12 +228,10 @@ def main() -> None:
             image = _make_volume(tmp / "image.npy", shape)
             result = _run(model, image, tmp / "labels.zarr", window, precision, args.threads)
             subprocess.run(["rm", "-rf", str(tmp / "labels.zarr")], check=True)
-            row = {"part": part, "widths": widths, "precision": precision, "window": window,
-                   "shape": list(shape), **result}  # fmt: skip
-            row["estimate_over_peak"] = row["estimate_mib"] / row["peak_rss_mib"]
-            rows.append(row)
-            _print_row(row)
-            args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+            record({"part": part, "widths": widths, "precision": precision, "window": window,
+                    "shape": list(shape), **result})  # fmt: skip
+        if "budget" in args.parts:
+            _budget_runs(args, tmp, record)
 
 
 if __name__ == "__main__":
