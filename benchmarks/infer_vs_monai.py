@@ -44,7 +44,16 @@ def _child(kind: str, model_dir: str, image: str, output: str, window: int, over
     start = time.perf_counter()
     record: dict = {}
     if kind == "ours":
-        stats = predict(model_dir, image, output, window=(window,) * 3, overlap=overlap, progress=False)
+        stats = predict(
+            model_dir,
+            image,
+            output,
+            window=(window,) * 3,
+            overlap=overlap,
+            precision="fp32",
+            progress=False,
+            force=True,
+        )  # fp32 as on MONAI's side; force: the estimate never stops a measurement
         record = {"windows": stats["windows"], "estimated_peak_mib": stats["estimated_peak_bytes"] / 2**20}
     elif kind == "monai":
         from monai.inferers import sliding_window_inference

@@ -64,7 +64,7 @@ SKIP_MARGIN = 10.0  # a skipped window's logits: 0 for background, -SKIP_MARGIN 
 # `maps` maps of the top level's width in the precision's bytes plus `voxel` bytes (input, logits and their
 # copies) per padded window voxel, and the run adds `runtime` bytes (thread pools, oneDNN's kernels and
 # caches, the writers' buffers). Fitted to the peaks benchmarks/predict_memory.py measured on the CPU
-# (docs/inference.md: every row within -2 to +16 %); fp16 is taken to be bf16's (not measured).
+# (docs/inference.md: every row within -6 to +17 %); fp16 is taken to be bf16's (not measured).
 ACTIVATIONS = {
     "fp32": {"maps": 1.9, "voxel": 16, "runtime": 96 << 20},
     "bf16": {"maps": 2.2, "voxel": 4, "runtime": 32 << 20},
