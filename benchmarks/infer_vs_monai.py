@@ -44,7 +44,16 @@ def _child(kind: str, model_dir: str, image: str, output: str, window: int, over
     start = time.perf_counter()
     record: dict = {}
     if kind == "ours":
-        stats = predict(model_dir, image, output, window=(window,) * 3, overlap=overlap, progress=False)
+        stats = predict(
+            model_dir,
+            image,
+            output,
+            window=(window,) * 3,
+            overlap=overlap,
+            precision="fp32",
+            progress=False,
+            force=True,
+        )  # fp32 as on MONAI's side; force: the estimate never stops a measurement
         record = {"windows": stats["windows"], "estimated_peak_mib": stats["estimated_peak_bytes"] / 2**20}
     elif kind == "monai":
         from monai.inferers import sliding_window_inference
@@ -68,27 +77,29 @@ def _run(kind: str, model_dir: Path, image: Path, output: Path, args) -> dict:
     cmd += ["--window", str(args.window), "--overlap", str(args.overlap), "--threads", str(args.threads)]
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     if args.allocator == "meunet":
-        from meunet import GLIBC_TUNABLES
+        from meunet.allocator import GLIBC_TUNABLES
 
         env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _make_model(path: Path, window: int) -> Path:
+def _make_model(path: Path, window: int, widths=WIDTHS, norm: str = "batch") -> Path:
+    """A meU-net of fixed random weights (3 classes) stored with a cubic ``window`` (also used by
+    predict_memory.py)."""
     import torch
 
     from meunet.data.normalization import Normalization
     from meunet.models import MeUNet, save_model_dir
 
     torch.manual_seed(0)
-    stage1 = MeUNet(1, 3, widths=WIDTHS, norm="batch")
+    stage1 = MeUNet(1, 3, widths=widths, norm=norm)
     meta = {
         "classes": ["background", "gut", "crop"],
         "normalization": Normalization(0.0, 255.0, 128.0, 64.0).to_dict(),
         "window": [window] * 3,
     }
-    return save_model_dir(path, meta, stage1)
+    return save_model_dir(path, meta, stage1, force=True)
 
 
 def _make_volume(path: Path, shape: tuple[int, int, int]) -> Path:

@@ -7,7 +7,7 @@ import pytest
 
 import meunet.precision
 from meunet.data.patches import sample_stride
-from meunet.infer import Predictor, PredictSettings, predict
+from meunet.infer import Predictor, PredictSettings, choose_window, predict, window_candidates
 from meunet.io import Volume, check_outputs, read_volume, write_volume
 from meunet.metrics import evaluate
 from meunet.models import context_side, stage1_fill
@@ -24,6 +24,8 @@ EXAMPLES = [
     PredictSettings,
     Predictor,
     predict,
+    choose_window,
+    window_candidates,
     evaluate,
     context_side,
     stage1_fill,

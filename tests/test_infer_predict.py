@@ -309,7 +309,11 @@ def test_invalid_settings_are_one_input_error_line(cli, models, tmp_path, option
             ("--overlap", "0.999"),
             r"overlap 0.999 places 188,752,251 windows .* at most 1,000\): use an overlap",
         ),
-        (("--window", "4000", "4000", "4000"), r"prediction needs about \d+\.\d+ GiB, only"),
+        (
+            ("--window", "4000", "4000", "4000"),
+            r"window \(4000, 4000, 4000\) needs about \d+\.\d+ GiB, more than the budget of \d+\.\d+ GiB "
+            r"\(90% of the \d+\.\d+ GiB available\); the largest window that fits is \(16, 16, 16\)",
+        ),
     ],
 )
 def test_absurd_window_counts_and_sizes_are_refused_before_any_work(cli, models, tmp_path, args, message):

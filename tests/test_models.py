@@ -282,3 +282,63 @@ def test_bf16_weight_gradients_of_a_map_smaller_than_the_kernel_are_right_on_the
             torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=1), conv.weight, grad_out
         )
         assert torch.allclose(bf16, fp32, rtol=0.02, atol=0.02 * float(fp32.abs().max()))
+
+
+def _trained_norms(model: nn.Module) -> nn.Module:
+    """``model`` with batch-norm statistics of a few random batches (not the identity), in eval mode."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(2, model.spec["in_channels"], 32, 32, 32) * 2 + 1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("size", [(32, 32, 32), (17, 40, 23)])
+def test_lean_inference_path_equals_the_training_path(norm, size):
+    """Without gradients the networks take the lean path (in-place norms, no concatenation, channels-last);
+    its logits and features equal the plain path's up to float rounding, and it is what no_grad and
+    inference_mode run."""
+    from meunet.models.unet import lean
+
+    torch.manual_seed(0)
+    model = _trained_norms(MeUNet(1, 3, widths=W, norm=norm))
+    x = torch.randn(1, 1, *size) * 3 + 2
+    plain = model(x).detach()  # gradients on: the training path
+    assert lean() is False
+    with torch.inference_mode():
+        assert lean() is True
+        got = model(x)
+        features = model.features(x)
+    torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-4)
+    assert got.is_contiguous() and got.shape == (1, 3, *size)
+    torch.testing.assert_close(features, model.features(x).detach(), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), got)
+
+
+def test_lean_path_keeps_training_mode_batch_norm_statistics():
+    """A batch norm in training mode under no_grad (the statistics recalibration of training) runs as itself:
+    the running statistics come out as the plain path's."""
+    torch.manual_seed(0)
+    a = MeUNet(1, 3, widths=W, norm="batch").train()
+    b = _twin(a)
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        a(x)
+    b(x)
+    for (k, u), v in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(u, v, msg=k)
+
+
+@pytest.mark.parametrize("fusion", ["post", "pre"])
+def test_lean_cascade_equals_the_training_path(fusion):
+    cascade = _cascade(fusion)
+    for net in (cascade.stage1, cascade.stage2):
+        _trained_norms(net)
+    cascade.eval()
+    image = torch.randn(1, 1, 24, 20, 36)
+    stage1 = torch.rand(1, 3, 24, 20, 36)
+    plain = cascade(image, stage1).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(cascade(image, stage1), plain, rtol=1e-4, atol=1e-4)

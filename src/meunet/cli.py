@@ -360,7 +360,16 @@ def predict_command(
     overlap: float = typer.Option(0.5, "--overlap", help="Fraction of the window shared by neighbours."),
     blend: str = typer.Option("gaussian", "--blend", help="gaussian, constant, or vote (paper's code)."),
     window: tuple[int, int, int] | None = typer.Option(
-        None, "--window", metavar="Z Y X", help="Window size (default: the model's)."
+        None,
+        "--window",
+        metavar="Z Y X",
+        help="Window size (default: the largest that fits --memory-gib, at most the model's).",
+    ),
+    memory_gib: float | None = typer.Option(
+        None,
+        "--memory-gib",
+        help="Memory the run may use, GiB (with --dask: each worker); the window is chosen to fit it "
+        "(default: 90 % of the available memory).",
     ),
     batch: int = typer.Option(1, "--batch", min=1, help="Windows per forward pass."),
     device: str = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:1, mps ..."),
@@ -377,7 +386,7 @@ def predict_command(
     ),
     stats_json: Path | None = typer.Option(None, "--stats-json", help="Write time, speed and memory here."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No memory line, no progress bars."),
-    force: bool = typer.Option(False, "--force", help="Overwrite outputs; ignore the memory estimate."),
+    force: bool = typer.Option(False, "--force", help="Overwrite outputs; run a window above the budget."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (e.g. Zarr output)."),
     no_postprocess: bool = typer.Option(
         False, "--no-postprocess", help="Skip the post-processing rules that training chose on validation."
@@ -394,8 +403,9 @@ def predict_command(
     from meunet.infer import Predictor, PredictSettings
 
     settings = PredictSettings(
-        window, overlap, blend, batch, device, precision, skip_empty, air_threshold, tta, not no_postprocess
-    )
+        window, overlap, blend, batch, device, precision, skip_empty, air_threshold, tta, not no_postprocess,
+        memory_gib,
+    )  # fmt: skip
     if dask is not None:
         from meunet.distributed import predict_distributed
 
@@ -415,7 +425,8 @@ def predict_command(
         force=force, resume=resume,
     )  # fmt: skip
     typer.echo(
-        f"wrote {output}: {stats['voxels']} voxels in {stats['seconds']:.1f} s "
+        f"wrote {output}: {stats['voxels']} voxels, window {tuple(stats['window'])}, "
+        f"in {stats['seconds']:.1f} s "
         f"({stats['voxels_per_second'] / 1e6:.2f} M voxels/s), "
         f"peak RSS {stats['peak_rss_bytes'] / 2**30:.2f} GiB, "
         f"{stats['windows']} windows ({stats['windows_skipped']} skipped)"

@@ -20,17 +20,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from meunet.allocator import allocator_tunables
 from meunet.errors import InputError
-from meunet.infer import Predictor, PredictSettings, WindowCounts
+from meunet.infer import Predictor, PredictSettings, WindowCounts, peak_estimator
 from meunet.infer.postprocess import SLAB_VOXELS, postprocess_slabs
 from meunet.infer.window import Region, label_dtype
 from meunet.io import (
@@ -45,6 +48,8 @@ from meunet.io import (
     write_json,
     write_volume,
 )
+from meunet.io._writer import partial_folder
+from meunet.io._zarr import DEFAULT_CHUNKS
 from meunet.models.bundle import model_digest, model_files
 
 DIRECT_FORMATS = ("zarr", "ome-zarr", "npy")  # read block by block in place; other inputs are converted
@@ -193,7 +198,8 @@ def predict_distributed(
         output: a path ending in ``.zarr`` for one volume; the output folder for a folder of volumes.
         scheduler: a ``dask.distributed.Client``, or a scheduler address or ``local:N`` (see :func:`connect`).
         settings: as for :class:`meunet.infer.Predictor` (``device`` is the workers'; the client checks
-            the model directory and the settings on the CPU, each worker builds one predictor).
+            the model directory and the settings on the CPU, each worker builds one predictor). Without a
+            ``window``, each volume's is chosen as :func:`_window` says (``memory_gib`` is each worker's).
         chunks: (z, y, x) chunk shape of the output (default 64^3, clipped to the volume).
         block: (z, y, x) block core, a multiple of ``chunks`` (default :func:`default_block`).
         pyramid_levels: levels 1.. of the multiscale pyramid, each half the size of the one before.
@@ -214,7 +220,7 @@ def predict_distributed(
     start = time.perf_counter()
     model_dir = Path(model_dir).resolve()
     checked = Predictor(model_dir, dataclasses.replace(settings, device="cpu"))  # workers load it on theirs
-    settings = dataclasses.replace(checked.settings, device=settings.device)
+    settings = dataclasses.replace(checked.settings, device=settings.device, memory_gib=None)
     n_classes = len(checked.bundle.classes)
     pairs = volume_pairs(input, output)
     for _, target in pairs:
@@ -222,14 +228,18 @@ def predict_distributed(
             raise InputError(target, "distributed prediction writes OME-Zarr: give an output ending in .zarr")
     check_outputs([o for _, o in pairs] + [stats_json], force, inputs=[i for i, _ in pairs])
     volumes = [open_volume(i) for i, _ in pairs]
-    for (source, _), volume in zip(pairs, volumes, strict=True):
-        checked.check_windows(volume.array.shape, source)
+    windows = [
+        _window(checked, volume, target, chunks, block, scheduler, resume, force) for (_, target), volume
+        in zip(pairs, volumes, strict=True)
+    ]  # fmt: skip
+    for (source, _), volume, window in zip(pairs, volumes, windows, strict=True):
+        checked.check_windows(volume.array.shape, source, window)
     if pairs != [(Path(input), Path(output))]:
         Path(output).mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(connect(scheduler)) if isinstance(scheduler, str) else scheduler
         writers, stats, futures = [], [], {}
-        for (source, target), volume in zip(pairs, volumes, strict=True):
+        for (source, target), volume, window in zip(pairs, volumes, windows, strict=True):
             writer = stack.enter_context(
                 create_writer(
                     target,
@@ -241,7 +251,15 @@ def predict_distributed(
                     resume=resume,
                 )
             )
-            job, todo, volume_stats = _prepare(writer, model_dir, source, volume, settings, block, progress)
+            job, todo, volume_stats = _prepare(
+                writer,
+                model_dir,
+                source,
+                volume,
+                dataclasses.replace(settings, window=window),
+                block,
+                progress,
+            )
             writers.append(writer)
             stats.append(volume_stats)
             for core in todo:
@@ -258,6 +276,71 @@ def predict_distributed(
     if stats_json is not None:
         write_json(stats_json, stats)
     return stats
+
+
+def _local_workers(scheduler) -> int | None:
+    """N of a ``local:N`` scheduler (workers on this machine), else None."""
+    if isinstance(scheduler, str) and scheduler.startswith("local:"):
+        count = scheduler.removeprefix("local:")
+        return int(count) if count.isdigit() and int(count) > 0 else None
+    return None
+
+
+def _window(checked: Predictor, volume, target: Path, chunks, block, scheduler, resume: bool, force: bool):
+    """The window of one volume's blocks.
+
+    The given one (``--window``), else on ``resume`` the interrupted run's. Where the budget is known
+    (``--memory-gib``, each worker's; or ``local:N``, :data:`meunet.infer.predict.MEMORY_MARGIN` of this
+    machine's available memory shared by the N workers) a window not given is the largest whose estimated
+    peak for one block (:func:`block_peak_bytes`) fits, at most the model's (:meth:`Predictor.window_for`),
+    and
+    one given above the budget is refused with one line (unless ``force``). For a remote cluster without
+    ``--memory-gib`` the client cannot see the workers' memory: the model's window.
+    """
+    given = checked.settings.window if checked.window_given else None
+    if given is None and resume:
+        recorded = _read_json(partial_folder(target) / SCRATCH / "settings.json")
+        given = ((recorded or {}).get("settings") or {}).get("window")
+    workers = _local_workers(scheduler)
+    if checked.settings.memory_gib is None and workers is None:
+        return tuple(given or checked.settings.window)
+    shape = tuple(volume.array.shape)
+    estimate = partial(block_peak_bytes, checked, shape, volume.array.dtype, _chunks(shape, chunks), block)
+    share = 1.0 if checked.settings.memory_gib is not None else 1 / workers
+    choice = checked.window_for(shape, volume.array.dtype, window=given, estimate=estimate, share=share)
+    refusal = choice.refusal()
+    if refusal is not None and not force:
+        raise InputError(target, f"one block of {choice.window} windows: {refusal}")
+    return choice.window
+
+
+def _chunks(shape: Sequence[int], chunks: Sequence[int] | None) -> tuple[int, int, int]:
+    """The output's chunks, as its writer makes them."""
+    return tuple(min(c, n) for c, n in zip(chunks or DEFAULT_CHUNKS, shape, strict=True))  # type: ignore[return-value]
+
+
+def block_peak_bytes(checked: Predictor, shape, dtype, chunks, block, window) -> int:
+    """Estimated peak memory of one worker predicting the largest block of a (Z, Y, X) volume of ``shape``
+    with ``window``: :func:`meunet.infer.predict.peak_bytes` over the block's span (the core and the windows
+    that reach into it: up to a window beyond the core on each side), plus the span's raw input, its labels
+    and, for a cascade, its float16 stage-1 output and the wider raw input stage 1 reads (a window more)."""
+    core = _checked_block(block, chunks, shape, window)
+    span = [min(n, b + 2 * w) for n, b, w in zip(shape, core, window, strict=True)]
+    itemsize = np.dtype(dtype).itemsize
+    extra = math.prod(span) * (itemsize + 1)
+    cascade = checked.bundle.cascade
+    if cascade is not None:
+        outer = [min(n, s + 2 * w) for n, s, w in zip(shape, span, window, strict=True)]
+        extra += math.prod(span) * 2 * cascade.stage1_channels + math.prod(outer) * itemsize
+    return peak_estimator(checked.bundle, checked.engine, span, dtype, False)(window) + extra
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _prepare(writer, model_dir: Path, source: Path, volume, settings: PredictSettings, block, progress):

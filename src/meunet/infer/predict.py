@@ -4,6 +4,10 @@
 (:mod:`meunet.infer.window`) plus one output chunk: labels are written slab by slab through
 :func:`meunet.io.create_writer`, class probabilities through its per-channel Zarr writer, and a cascade's
 stage-1 output goes to a temporary float16 Zarr beside the output instead of RAM.
+
+The window is what sets the memory: unless one is given, each volume gets the largest window (at most the
+model's) whose estimated peak (:func:`peak_estimator`) fits the memory budget (:func:`memory_budget`), chosen
+by :func:`choose_window`, a pure function of the estimate.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ from meunet.infer.postprocess import apply_rules, postprocess_slabs
 from meunet.infer.window import (
     Input,
     Region,
+    Shape3,
     SlidingWindow,
     WindowCounts,
     check_settings,
@@ -40,14 +45,33 @@ from meunet.infer.window import (
     windows_over,
     within,
 )
-from meunet.io import Volume, VolumeWriter, check_outputs, create_writer, open_volume, write_json
+from meunet.io import (
+    Volume,
+    VolumeWriter,
+    check_outputs,
+    create_writer,
+    open_volume,
+    partial_run,
+    write_json,
+)
 from meunet.memory import peak_rss_bytes
 from meunet.models.bundle import model_digest
 from meunet.models.cascade import stage1_fill
+from meunet.models.unet import MULTIPLE
 
 SKIP_MARGIN = 10.0  # a skipped window's logits: 0 for background, -SKIP_MARGIN for the others
-ACTIVATION_FACTOR = 9  # inference activations ~ this x top width x window voxels x 4 bytes (measured, CPU)
-RUNTIME_BYTES = 192 << 20  # thread pools and allocator caches that forward passes and writers add
+# One forward pass without gradients (meunet.models.unet.UNet3D.lean_features), per precision: it holds
+# `maps` maps of the top level's width in the precision's bytes plus `voxel` bytes (input, logits and their
+# copies) per padded window voxel, and the run adds `runtime` bytes (thread pools, oneDNN's kernels and
+# caches, the writers' buffers). Fitted to the peaks benchmarks/predict_memory.py measured on the CPU
+# (docs/inference.md: every row within -6 to +17 %); fp16 is taken to be bf16's (not measured).
+ACTIVATIONS = {
+    "fp32": {"maps": 1.9, "voxel": 16, "runtime": 96 << 20},
+    "bf16": {"maps": 2.2, "voxel": 4, "runtime": 32 << 20},
+    "fp16": {"maps": 2.2, "voxel": 4, "runtime": 32 << 20},
+}
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+MEMORY_MARGIN = 0.9  # the default budget: this share of the memory available when prediction starts
 MAX_COVERAGE = 1000  # refused above: the windows predict every voxel this many times on average (overlap 0.9)
 
 
@@ -64,9 +88,13 @@ class PredictSettings:
         air_threshold: see ``skip_empty``.
         postprocess: apply ``model.json``'s post-processing rules (:mod:`meunet.infer.postprocess`, chosen
             on validation by training).
+        memory_gib: the memory budget in GiB (:func:`memory_budget`; None: :data:`MEMORY_MARGIN` of what is
+            available). Without ``window``, each volume gets the largest window that fits it (at most the
+            model's, :func:`choose_window`); a given ``window`` whose estimate exceeds it is refused.
 
     Raises:
-        InputError: a window, overlap, blend, batch, precision or air threshold out of range (one line).
+        InputError: a window, overlap, blend, batch, precision, air threshold or memory budget out of range
+            (one line).
 
     >>> PredictSettings(overlap=0.25).overlap
     0.25
@@ -85,6 +113,7 @@ class PredictSettings:
     air_threshold: float | None = None
     tta: bool = False
     postprocess: bool = True
+    memory_gib: float | None = None
 
     def __post_init__(self) -> None:
         window = None if self.window is None else tuple(int(w) for w in self.window)
@@ -95,6 +124,102 @@ class PredictSettings:
             raise InputError("settings", str(exc)) from None
         if self.air_threshold is not None and not math.isfinite(self.air_threshold):
             raise InputError("settings", f"air threshold must be finite, got {self.air_threshold}")
+        if self.memory_gib is not None and not (math.isfinite(self.memory_gib) and self.memory_gib > 0):
+            raise InputError(
+                "settings", f"memory budget must be a positive number of GiB, got {self.memory_gib}"
+            )
+
+
+@dataclass(frozen=True)
+class WindowChoice:
+    """The window a volume is predicted with, and why.
+
+    Attributes:
+        window: (z, y, x).
+        estimate: its estimated peak memory (bytes, :func:`peak_estimator`).
+        budget: the memory budget (bytes) and ``budget_source``, what set it (:func:`memory_budget`).
+        how: ``given`` (``--window``), ``resumed`` (the interrupted run's), ``the model's`` (it fits), ``the
+            largest that fits`` or, where none fits, ``the smallest``.
+        fits: the largest window that fits the budget (:func:`choose_window`), None if none does.
+    """
+
+    window: Shape3
+    estimate: int
+    budget: int
+    budget_source: str
+    how: str
+    fits: Shape3 | None
+
+    def line(self, shape: Sequence[int]) -> str:
+        """What ``meunet predict`` prints before the first window."""
+        return (
+            f"{tuple(shape)} voxels, window {self.window} ({self.how}): estimated peak memory "
+            f"{_gib(self.estimate)}, budget {_gib(self.budget)} ({self.budget_source})"
+        )
+
+    def refusal(self) -> str | None:
+        """The one-line reason to refuse the run (its estimate exceeds the budget), or None if it fits."""
+        if self.estimate <= self.budget:
+            return None
+        over = (
+            f"needs about {_gib(self.estimate)}, more than the budget of {_gib(self.budget)} "
+            f"({self.budget_source})"
+        )
+        largest = "no window fits" if self.fits is None else f"the largest window that fits is {self.fits}"
+        if self.how == "resumed":
+            return (
+                f"the interrupted run's window {self.window} {over}; {largest}: --force to resume anyway, or "
+                "start again without --resume"
+            )
+        if self.how == "given":
+            return f"window {self.window} {over}; {largest}: a smaller --window, or --force to try anyway"
+        return (
+            f"even the smallest window {self.window} {over}: a larger --memory-gib, or --force to try anyway"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def memory_budget(memory_gib: float | None = None, share: float = 1.0) -> tuple[int, str]:
+    """The bytes a prediction may use (its whole process's peak resident memory) and what set them:
+    ``memory_gib`` GiB, or :data:`MEMORY_MARGIN` of the memory available now (``psutil``), times ``share``
+    (the share of one of several worker processes)."""
+    if memory_gib is not None:
+        return int(memory_gib * 2**30), f"--memory-gib {memory_gib:g}"
+    available = psutil.virtual_memory().available
+    each = "" if share == 1 else f", shared by {round(1 / share)} workers"
+    source = f"{MEMORY_MARGIN:.0%} of the {_gib(available)} available{each}"
+    return int(MEMORY_MARGIN * available * share), source
+
+
+def window_candidates(stored: Sequence[int]) -> list[Shape3]:
+    """The windows :func:`choose_window` considers, smallest first: ``min(w, n)`` per axis of the model's
+    window ``stored`` for n = 16, 32, 48, ... (the networks pad every side to a multiple of 16, so other sizes
+    would only compute padding), then ``stored`` itself (a cube stays a cube; a shorter axis keeps its size).
+
+    >>> window_candidates((48, 40, 48))
+    [(16, 16, 16), (32, 32, 32), (48, 40, 48)]
+    """
+    stored = tuple(int(w) for w in stored)
+    sides = range(MULTIPLE, max(stored), MULTIPLE)
+    candidates = [tuple(min(w, n) for w in stored) for n in sides] + [stored]
+    return list(dict.fromkeys(candidates))  # type: ignore[arg-type]
+
+
+def choose_window(stored: Sequence[int], estimate: Callable[[Shape3], int], budget: int) -> Shape3 | None:
+    """The largest of :func:`window_candidates` (``stored``) whose ``estimate`` (bytes of peak memory, a
+    function of the window) is at most ``budget`` bytes; None if not even the smallest fits. A pure
+    function of the estimate: nothing is run.
+
+    >>> choose_window((96, 96, 96), lambda w: w[0] ** 3, 70**3)
+    (64, 64, 64)
+    """
+    for window in reversed(window_candidates(stored)):
+        if estimate(window) <= budget:
+            return window
+    return None
 
 
 class Predictor:
@@ -109,7 +234,9 @@ class Predictor:
         settings: how to apply it.
 
     Attributes:
-        settings: ``settings`` with ``window`` filled in from ``model.json``.
+        settings: ``settings`` with ``window`` filled in from ``model.json``; :meth:`predict` chooses each
+            volume's window for the memory budget unless ``window_given`` (``settings.window`` was given).
+        stored_window: ``model.json``'s window (the given one for a model without), the largest chosen.
         bundle: the loaded model directory; engine: the sliding-window engine; normalization: the model's;
         skip: the :meth:`SlidingWindow.stream` arguments that skip air windows (empty unless ``skip_empty``);
         rules: the post-processing rules to apply (empty when ``postprocess`` is off).
@@ -136,9 +263,11 @@ class Predictor:
             raise InputError(
                 model_json, f"the model expects {bundle.meta['in_channels']} input channels, not 1"
             )
+        self.window_given = settings.window is not None
         window = settings.window or bundle.meta.get("window")
         if window is None:
             raise InputError(model_json, "no default 'window': give one (--window Z Y X)")
+        self.stored_window: Shape3 = tuple(bundle.meta.get("window") or window)  # type: ignore[assignment]
         self.settings = s = replace(settings, window=tuple(window))
         self.engine = SlidingWindow(s.window, s.overlap, s.blend, s.batch, s.device, s.precision, s.tta)
         try:
@@ -151,32 +280,77 @@ class Predictor:
         )
         self.rules = (bundle.meta.get("postprocessing") or {}) if s.postprocess else {}
 
-    def check_windows(self, shape: Sequence[int], path: str | os.PathLike[str]) -> int:
-        """The number of windows over a (Z, Y, X) volume of ``shape``, counted without placing them.
+    def check_windows(
+        self, shape: Sequence[int], path: str | os.PathLike[str], window: Sequence[int] | None = None
+    ) -> int:
+        """The number of windows (of ``window``, default the settings') over a (Z, Y, X) volume of ``shape``,
+        counted without placing them.
 
         Raises:
             InputError: every voxel would be predicted more than :data:`MAX_COVERAGE` times on average (an
                 overlap close to 1), naming the count.
         """
 
+        window = tuple(self.engine.window if window is None else window)
+
         def count(overlap: float) -> int:
-            step = [w * (1 - overlap) for w in self.engine.window]
+            step = [w * (1 - overlap) for w in window]
             return math.prod(
                 1 if n <= w else math.ceil((n - w) / d) + 1
-                for n, w, d in zip(shape, self.engine.window, step, strict=True)
+                for n, w, d in zip(shape, window, step, strict=True)
             )
 
         windows = count(self.engine.overlap)
-        padded = math.prod(max(n, w) for n, w in zip(shape, self.engine.window, strict=True))
-        coverage = windows * math.prod(self.engine.window) / padded
+        padded = math.prod(max(n, w) for n, w in zip(shape, window, strict=True))
+        coverage = windows * math.prod(window) / padded
         if coverage > MAX_COVERAGE:
             raise InputError(
                 path,
-                f"overlap {self.engine.overlap} places {windows:,} windows of {self.engine.window} (every "
+                f"overlap {self.engine.overlap} places {windows:,} windows of {window} (every "
                 f"voxel predicted about {coverage:,.0f} times on average; at most {MAX_COVERAGE:,}): use an "
                 f"overlap of at most 0.9 (0.5 places {count(0.5):,})",
             )
         return windows
+
+    def window_for(
+        self,
+        shape: Sequence[int],
+        dtype: np.dtype | type = np.uint8,
+        probabilities: bool = False,
+        *,
+        window: Sequence[int] | None = None,
+        estimate: Callable[[Shape3], int] | None = None,
+        share: float = 1.0,
+    ) -> WindowChoice:
+        """The window :meth:`predict` uses for a (Z, Y, X) volume of ``shape`` and ``dtype``: ``window`` if
+        given (else ``settings.window`` where ``window_given``), otherwise the largest one whose estimated
+        peak fits the budget (``settings.memory_gib`` times ``share``, :func:`memory_budget`), at most
+        :attr:`stored_window` (:func:`choose_window`); the smallest candidate where none fits.
+
+        Args:
+            probabilities: class probabilities are written too (more output memory).
+            estimate: bytes of peak memory as a function of the window (default :func:`peak_estimator` of
+                this volume; the Dask path gives that of one block).
+            share: of the budget, for one of several worker processes sharing the machine.
+        """
+        if window is None and self.window_given:
+            window = self.settings.window
+        if estimate is None:
+            estimate = peak_estimator(self.bundle, self.engine, shape, dtype, probabilities)
+        budget, source = memory_budget(self.settings.memory_gib, share)
+        fits = choose_window(self.stored_window, estimate, budget)
+        if window is not None:
+            chosen, how = tuple(int(w) for w in window), "given"
+        elif fits is None:
+            chosen, how = window_candidates(self.stored_window)[0], "the smallest"
+        else:
+            chosen, how = fits, "the model's" if fits == self.stored_window else "the largest that fits"
+        return WindowChoice(chosen, estimate(chosen), budget, source, how, fits)  # type: ignore[arg-type]
+
+    def engine_for(self, window: Sequence[int]) -> SlidingWindow:
+        """The engine with another window (the settings' engine where it is the same)."""
+        window = tuple(int(w) for w in window)
+        return self.engine if window == self.engine.window else replace(self.engine, window=window)
 
     @cached_property
     def digest(self) -> str:
@@ -207,36 +381,40 @@ class Predictor:
                 output and are post-processed slab by slab into it, in bounded memory.
             probabilities: also write float16 class probabilities (C, Z, Y, X) to this ``.zarr``.
             stats_json: write ``voxels, seconds, voxels_per_second, peak_rss_bytes, windows,
-                windows_skipped``.
-            progress: print the memory estimate and show progress bars.
-            force: overwrite existing outputs, and run even if the memory estimate exceeds available memory.
+                windows_skipped, window``.
+            progress: print the window, its memory estimate and the budget, and show progress bars.
+            force: overwrite existing outputs, and run even if the memory estimate exceeds the budget.
             resume: continue the partial output of an interrupted run with the same model and settings
                 (formats the writers can resume, e.g. Zarr); the labels equal those of an uninterrupted run.
+                Without a given window, the interrupted run's window is used again.
 
         Returns:
-            the statistics (also written to ``stats_json``), plus ``estimated_peak_bytes`` and
-            ``postprocessing`` (the rules applied).
+            the statistics (also written to ``stats_json``), plus ``estimated_peak_bytes``,
+            ``memory_budget_bytes`` and ``postprocessing`` (the rules applied).
 
         Raises:
-            InputError: unreadable input, existing output without ``force``, or an estimate above available
-                memory.
+            InputError: unreadable input, existing output without ``force``, a given window whose estimate
+                exceeds the budget or a budget that not even the smallest window fits (one line each).
         """
         start = time.perf_counter()
         output = Path(output)
         check_outputs((output, probabilities, stats_json), force, inputs=(input,))
         volume = open_volume(input)
-        engine, n_classes, rules = self.engine, self.n_classes, self.rules
-        self.check_windows(volume.array.shape, input)
-        estimate = estimate_peak_bytes(self.bundle, engine, volume, probabilities is not None)
-        _check_memory(
-            input, estimate, force, progress, f"{tuple(volume.array.shape)} voxels, window {engine.window}"
-        )
-        image = self.image(volume.array, input)
+        n_classes, rules = self.n_classes, self.rules
         shape = tuple(volume.array.shape)
-        counts = WindowCounts()
-        run = {"model": self.digest, "input": str(Path(input).resolve()), "settings": asdict(self.settings)}
         # raw labels to be post-processed: a fixed name, so that --resume finds them
         raw = output.parent / f".{output.name}.raw.zarr" if rules else output
+        window = self.settings.window if self.window_given else _resumed_window(raw) if resume else None
+        choice = self.window_for(shape, volume.array.dtype, probabilities is not None, window=window)
+        if window is not None and not self.window_given:
+            choice = replace(choice, how="resumed")
+        engine = self.engine_for(choice.window)
+        self.check_windows(shape, input, engine.window)
+        _check_memory(input, choice, shape, force, progress)
+        image = self.image(volume.array, input)
+        counts = WindowCounts()
+        settings = replace(self.settings, window=engine.window, memory_gib=None)
+        run = {"model": self.digest, "input": str(Path(input).resolve()), "settings": asdict(settings)}
         with ExitStack() as stack:
             writers = [
                 stack.enter_context(
@@ -267,7 +445,7 @@ class Predictor:
             start_z = _written_prefix(writers, align)
             # a fixed name, so that the next run clears what a killed run left
             scratch = output.parent / f".{output.name}.stage1.zarr"
-            scores = self._stream(stack, image, scratch, start_z, counts, progress)
+            scores = self._stream(stack, engine, image, scratch, start_z, counts, progress)
             for z0, slabs in _aligned(_outputs(engine, scores, probabilities is not None), align, shape[0]):
                 for writer, slab in zip(writers, slabs, strict=True):
                     writer.write(z0, slab)
@@ -286,7 +464,9 @@ class Predictor:
             "peak_rss_bytes": peak_rss_bytes(),
             "windows": counts.windows,
             "windows_skipped": counts.skipped,
-            "estimated_peak_bytes": estimate,
+            "window": list(engine.window),
+            "estimated_peak_bytes": choice.estimate,
+            "memory_budget_bytes": choice.budget,
             "postprocessing": rules,
         }
         if stats_json is not None:
@@ -299,7 +479,7 @@ class Predictor:
         out = np.empty(tuple(array.shape), label_dtype(self.n_classes))
         with ExitStack() as stack:
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meunet-"))) / "stage1.zarr"
-            for z0, scores in self._stream(stack, self.image(array), scratch, 0, counts, False):
+            for z0, scores in self._stream(stack, self.engine, self.image(array), scratch, 0, counts, False):
                 out[z0 : z0 + scores.shape[1]] = labels_from_scores(scores)
         return apply_rules(out, self.rules) if self.rules else out
 
@@ -358,10 +538,10 @@ class Predictor:
         )
         return labels[within(core, span)]
 
-    def _stream(self, stack: ExitStack, image: Input, scratch: Path, start_z: int, counts, progress):
-        """The final stage's blended scores from ``start_z`` on; a cascade's stage 1 first goes to
-        ``scratch`` (removed when ``stack`` closes) over the rows that stage 2 still needs."""
-        engine, cascade = self.engine, self.bundle.cascade
+    def _stream(self, stack: ExitStack, engine, image: Input, scratch: Path, start_z: int, counts, progress):
+        """The final stage's blended scores from ``start_z`` on (``engine``'s window); a cascade's stage 1
+        first goes to ``scratch`` (removed when ``stack`` closes) over the rows that stage 2 still needs."""
+        cascade = self.bundle.cascade
         inputs = [image]
         if cascade is not None and start_z < image.array.shape[0]:
             stack.callback(shutil.rmtree, scratch, ignore_errors=True)
@@ -395,6 +575,7 @@ def predict(
     force: bool = False,
     resume: bool = False,
     postprocess: bool = True,
+    memory_gib: float | None = None,
 ) -> dict[str, Any]:
     """Segment one volume file with a trained model directory: ``Predictor(model_dir, PredictSettings(...))
     .predict(input, output, ...)`` (see :class:`PredictSettings` for the settings and
@@ -406,6 +587,7 @@ def predict(
     """
     settings = PredictSettings(
         window, overlap, blend, batch, device, precision, skip_empty, air_threshold, tta, postprocess,
+        memory_gib,
     )  # fmt: skip
     return Predictor(model_dir, settings).predict(
         input, output, probabilities=probabilities, stats_json=stats_json, progress=progress, force=force,
@@ -421,21 +603,21 @@ def _check_device(device: str) -> None:
         raise InputError("--device", f"cannot use {device!r}: {str(exc).splitlines()[0]}") from None
 
 
-def _check_memory(input, estimate: int, force: bool, progress: bool, what: str) -> None:
-    """Print the estimate (when ``progress``); InputError if it exceeds available memory, unless ``force``."""
-    available = psutil.virtual_memory().available
+def _check_memory(input, choice: WindowChoice, shape: Sequence[int], force: bool, progress: bool) -> None:
+    """Print the window and its estimate (when ``progress``); InputError (one line) if the estimate exceeds
+    the budget, unless ``force``."""
     if progress:
-        print(
-            f"meunet predict: {what}: estimated peak memory {estimate / 2**30:.2f} GiB "
-            f"({available / 2**30:.2f} GiB available)",
-            file=sys.stderr,
-        )
-    if estimate > available and not force:
-        raise InputError(
-            input,
-            f"prediction needs about {estimate / 2**30:.2f} GiB, only {available / 2**30:.2f} GiB available "
-            "(smaller --window or --batch, or --force to try anyway)",
-        )
+        print(f"meunet predict: {choice.line(shape)}", file=sys.stderr)
+    refusal = choice.refusal()
+    if refusal is not None and not force:
+        raise InputError(input, refusal)
+
+
+def _resumed_window(output: Path) -> tuple[int, ...] | None:
+    """The window of the interrupted run whose partial output ``output`` has, if any."""
+    run = partial_run(output)
+    window = ((run or {}).get("settings") or {}).get("window")
+    return tuple(int(w) for w in window) if isinstance(window, list) and len(window) == 3 else None
 
 
 def _skip_settings(normalization: Normalization, n_classes: int, air_threshold: float | None) -> dict:
@@ -530,35 +712,80 @@ def predict_stage1(
 
 
 def estimate_peak_bytes(bundle, engine: SlidingWindow, volume: Volume, probabilities: bool) -> int:
-    """Estimated peak resident memory of :func:`predict`, in bytes.
+    """Estimated peak resident memory of :func:`predict` with ``engine``'s window, in bytes
+    (:func:`peak_estimator`)."""
+    return peak_estimator(bundle, engine, volume.array.shape, volume.array.dtype, probabilities)(
+        engine.window
+    )
 
-    The sum of: this process's resident memory now (interpreter, torch, model weights) plus
-    ``RUNTIME_BYTES`` for thread pools and allocator caches; the engine's
-    accumulators (classes + 1 float32 maps of ``window_z x Y x X``) and raw input slabs (image, plus stage-1
-    float16 output for a cascade); one batch of windows in and out; network activations (about
-    ``ACTIVATION_FACTOR`` float32 maps of the top level's width per window voxel, measured on CPU); and the
-    output slabs (uint8 labels, float32 scores, float16 probabilities) of one window depth plus one chunk,
-    twice (the writers copy). On CPU (benchmarks/infer_vs_monai.py, docs/inference.md) it came out 3 to
-    8 % above the measured peak resident memory.
-    """
-    wz, wy, wx = engine.window
-    y, x = (max(s, w) for s, w in zip(volume.array.shape[1:], engine.window[1:], strict=True))
-    n_classes = len(bundle.classes)
-    plane = y * x
+
+def peak_estimator(
+    bundle, engine: SlidingWindow, shape: Sequence[int], dtype, probabilities: bool
+) -> Callable[[Shape3], int]:
+    """The estimated peak resident memory (bytes) of predicting a (Z, Y, X) volume of ``shape`` and ``dtype``
+    with ``engine``'s settings, as a function of the window: :func:`peak_bytes` with this process's
+    resident memory now (interpreter, torch, model weights) and the model's widths."""
     stage1_channels = 0 if bundle.cascade is None else bundle.cascade.stage1_channels
     widths = [bundle.meta["stage1"]["widths"][0]]
     if bundle.cascade is not None:
         widths.append(bundle.meta["stage2"]["widths"][0] + stage1_channels)
-    padded = math.prod(-(-w // 16) * 16 for w in engine.window)
-    window_voxels = wz * wy * wx
+    return partial(
+        peak_bytes,
+        resident=psutil.Process().memory_info().rss,
+        shape=tuple(int(n) for n in shape),
+        itemsize=np.dtype(dtype).itemsize,
+        n_classes=len(bundle.classes),
+        stage1_channels=stage1_channels,
+        width=max(widths),
+        batch=engine.batch,
+        precision=engine.precision,
+        device=engine.device,
+        probabilities=probabilities,
+    )
+
+
+def peak_bytes(
+    window: Sequence[int],
+    *,
+    resident: int,
+    shape: Sequence[int],
+    itemsize: int,
+    n_classes: int,
+    stage1_channels: int,
+    width: int,
+    batch: int,
+    precision: str,
+    device: str,
+    probabilities: bool,
+) -> int:
+    """Estimated peak resident memory of a prediction, in bytes: the sum of
+
+    - ``resident`` (the process before it starts) plus the precision's ``runtime`` bytes
+      (:data:`ACTIVATIONS`);
+    - the engine's accumulators (classes + 1 float32 maps of ``window_z x Y x X``, Y and X padded up to the
+      window) and raw input slabs (``itemsize``, plus float16 stage-1 output for a cascade);
+    - one batch of input windows (float32) and the window's importance map (the outputs come when the
+      activations have gone);
+    - on the CPU, the network's activations: the precision's ``maps`` maps (:data:`ACTIVATIONS`) of the top
+      level's ``width`` in its bytes plus ``voxel`` bytes, per window voxel padded to a multiple of 16
+      (measured: benchmarks/predict_memory.py, docs/inference.md). On another device they are the device's
+      memory, not counted here;
+    - the output slabs (uint8 labels, float32 scores, float16 probabilities) of one window depth plus one
+      chunk, twice (the writers copy).
+    """
+    wz, wy, wx = (int(w) for w in window)
+    y, x = (max(s, w) for s, w in zip(shape[1:], (wy, wx), strict=True))
+    plane = y * x
+    padded = math.prod(-(-int(w) // MULTIPLE) * MULTIPLE for w in window)
     accumulators = (max(n_classes, stage1_channels) + 1) * wz * plane * 4
-    input_slabs = wz * plane * (np.dtype(volume.array.dtype).itemsize + 2 * stage1_channels)
-    batch = engine.batch * window_voxels * 4 * (1 + stage1_channels + 3 * n_classes)
-    activations = engine.batch * padded * 4 * ACTIVATION_FACTOR * max(widths)
-    out_depth = wz + 64
-    outputs = 2 * out_depth * plane * (1 + (2 * n_classes + 8 if probabilities or stage1_channels else 0))
-    now = psutil.Process().memory_info().rss
-    return int(now + RUNTIME_BYTES + accumulators + input_slabs + batch + activations + outputs)
+    input_slabs = wz * plane * (itemsize + 2 * stage1_channels)
+    batch_bytes = wz * wy * wx * 4 * (batch * (1 + stage1_channels) + 1)  # inputs, the importance map
+    fit = ACTIVATIONS[precision]
+    per_voxel = fit["maps"] * width * PRECISION_BYTES[precision] + fit["voxel"]
+    activations = batch * padded * per_voxel if str(device).startswith("cpu") else 0
+    outputs = 2 * (wz + 64) * plane * (1 + (2 * n_classes + 8 if probabilities or stage1_channels else 0))
+    total = resident + fit["runtime"] + accumulators + input_slabs + batch_bytes + activations + outputs
+    return int(total)
 
 
 def _outputs(engine: SlidingWindow, scores: Iterable, probabilities: bool) -> Iterator[tuple[int, tuple]]:

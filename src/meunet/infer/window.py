@@ -313,7 +313,9 @@ class SlidingWindow:
                 stack.append(inp.prepare(self._pad(crop, inp.fill)))
         if not run:
             return
-        outputs = self._forward(net, [np.stack(stack) for stack in windows])
+        batches = [stack[0][None] if len(stack) == 1 else np.stack(stack) for stack in windows]
+        windows.clear()  # the batches hold the only copies while the net runs
+        outputs = self._forward(net, batches)
         for (y0, x0), out in zip(run, outputs, strict=True):
             out *= self._weights
             self._add(acc, weight_sum, y0, x0, out)
@@ -343,7 +345,7 @@ class SlidingWindow:
                 out /= 8
             if self.blend == "vote":
                 out = torch.zeros_like(out).scatter_(1, out.argmax(1, keepdim=True), 1.0)
-        return out.cpu().numpy()
+        return out.cpu().contiguous().numpy()  # features without gradients are channels-last
 
     def _skip_output(self, skip_logits: Sequence[float]) -> np.ndarray:
         """What a skipped window contributes per channel: the logits, or their one-hot vote."""

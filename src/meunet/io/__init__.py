@@ -27,7 +27,7 @@ from meunet.io._safe import (
     write_json,
 )
 from meunet.io._volume import LazyArray, Volume
-from meunet.io._writer import VolumeWriter
+from meunet.io._writer import VolumeWriter, partial_run
 
 __all__ = [
     "PYRAMID_LEVELS",
@@ -44,6 +44,7 @@ __all__ = [
     "ome_levels",
     "open_volume",
     "output_lock",
+    "partial_run",
     "read_volume",
     "user_error",
     "value_range",

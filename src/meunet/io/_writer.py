@@ -26,6 +26,24 @@ from meunet.io._volume import Volume
 PROGRESS = "progress.jsonl"
 
 
+def partial_folder(path: str | os.PathLike[str]) -> Path:
+    """The folder ``.<name>.partial/`` beside ``path`` in which its writer builds it."""
+    path = Path(path)
+    return path.parent / f".{path.name}.partial"
+
+
+def partial_run(path: str | os.PathLike[str]) -> dict | None:
+    """The ``run`` record (see :func:`meunet.io.create_writer`) of the partial output an interrupted run left
+    for ``path``, or None where there is none or its log is unreadable (resuming then says why)."""
+    log = partial_folder(path) / PROGRESS
+    try:
+        first = log.read_text().splitlines()[0]
+        run = json.loads(first).get("run")
+    except (OSError, IndexError, ValueError, AttributeError):
+        return None
+    return run if isinstance(run, dict) else None
+
+
 def holds_all_but_float16(dtype: np.dtype) -> bool:
     """``_holds`` for formats without float16 (NIfTI, TIFF with ImageJ or OME metadata, ITK)."""
     return dtype.kind in "iuf" and dtype != np.float16
@@ -65,7 +83,7 @@ class VolumeWriter:
             raise InputError(self.path, f"this format cannot hold {self.dtype} voxels")
         if resume and not self.resumable:
             raise InputError(self.path, "resuming needs a Zarr, NIfTI, .npy, TIFF or slice-folder output")
-        self.partial = self.path.parent / f".{self.path.name}.partial"
+        self.partial = partial_folder(self.path)
         self.target = self.partial / self.path.name
         self._done = np.zeros(self.shape[0], dtype=bool)
         self.run: dict | None = None  # what makes the output (model, input, settings): checked on resume

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meunet.models.unet import ConvStage, UNet3D
+from meunet.models.unet import ConvStage, UNet3D, lean, run_consuming
 
 FUSIONS = ("post", "pre")
 STAGE1_OUTPUTS = ("probs", "features")
@@ -94,6 +94,10 @@ class Cascade(nn.Module):
         if self.fusion == "pre":
             return self.stage2(torch.cat([image, s1], dim=1))
         features = self.stage2.features(image)
+        if lean():  # the concatenation freed after the first conv, norms in place
+            box = [torch.cat([features, s1.to(features.dtype)], dim=1)]
+            del features, s1
+            return self.stage2.head(run_consuming(self.fuse, box)).contiguous()
         return self.stage2.head(self.stage2.run_stage(self.fuse, torch.cat([features, s1], dim=1)))
 
 
