@@ -345,6 +345,13 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in the output."),
     force: bool = typer.Option(False, "--force", help="Start over in an output that holds a run."),
     time_budget: str | None = _TIME_BUDGET,
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        min=1,
+        help="Train on N processes of this machine, one per GPU (or CPU processes), sharing the batch "
+        "(as torchrun --standalone --nproc-per-node N; several machines: torchrun, docs/training.md).",
+    ),
 ) -> None:
     """Train stage 1, stage 2 or both from a YAML configuration into a model directory; keys it leaves out
     are planned for the data and the device (meunet plan)."""
@@ -354,8 +361,19 @@ def train_command(
     from meunet import ddp
     from meunet.train import train
 
+    loaded = _budgeted(config, time_budget)
+    if nproc > 1:
+        from meunet.train.pipeline import check_distributed, resolve_device
+
+        if ddp.launched():
+            raise InputError("--nproc", "under torchrun already: give torchrun the processes alone")
+        check_distributed(loaded, nproc)
+        ddp.check_device(resolve_device(loaded.device), nproc, f"--nproc {nproc}")
+        flags = [f for f, on in (("--resume", resume), ("--force", force)) if on]  # a budget was refused
+        ddp.launch(nproc, ["-m", "meunet", "train", str(config), *flags])
+        return
     try:
-        model = train(_budgeted(config, time_budget), resume=resume, force=force, started=started)
+        model = train(loaded, resume=resume, force=force, started=started)
     except RuntimeError as exc:
         if not ddp.lost_process(exc):
             raise

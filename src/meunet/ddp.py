@@ -17,12 +17,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
 from meunet.errors import Elsewhere, InputError
@@ -42,9 +42,14 @@ def _env(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def launched_processes() -> int:
+    """The processes a launcher (torchrun) started on all machines, from ``WORLD_SIZE`` (1 without one)."""
+    return _env("WORLD_SIZE", 1)
+
+
 def launched() -> bool:
     """Started by torchrun (or another launcher setting ``WORLD_SIZE``) with more than one process."""
-    return _env("WORLD_SIZE", 1) > 1
+    return launched_processes() > 1
 
 
 def world_size() -> int:
@@ -77,23 +82,48 @@ def reports_errors() -> bool:
     return first_process() if _joined else _env("LOCAL_RANK", 0) == 0
 
 
-def share(batch: int, where: str = "training.batch_size") -> tuple[int, int]:
+def check_batch(batch: int, processes: int, where: str = "training.batch_size") -> None:
+    """Raise InputError unless ``processes`` share a global batch of ``batch`` samples evenly."""
+    if batch % processes:
+        raise InputError(
+            where,
+            f"{batch} is the global batch: {processes} processes cannot share it evenly "
+            f"(make it a multiple of {processes})",
+        )
+
+
+def share(batch: int) -> tuple[int, int]:
     """``(first, count)``: the rows of a global batch of ``batch`` samples this process trains on.
 
     Rank ``r`` of ``N`` takes the contiguous rows ``r B / N .. (r + 1) B / N - 1``, so N processes see the
     samples, in the order, of one process with the whole batch.
 
     Raises:
-        InputError: the world size (``WORLD_SIZE`` before the group is joined) does not divide ``batch``.
+        InputError: the world size does not divide ``batch`` (:func:`check_batch`).
     """
-    n = world_size() if dist.is_available() and dist.is_initialized() else _env("WORLD_SIZE", 1)
-    if batch % n:
-        raise InputError(
-            where,
-            f"{batch} is the global batch: {n} processes cannot share it evenly (make it a multiple of {n})",
-        )
-    r = rank() if dist.is_available() and dist.is_initialized() else _env("RANK", 0)
+    joined = dist.is_available() and dist.is_initialized()
+    n, r = (world_size(), rank()) if joined else (launched_processes(), _env("RANK", 0))
+    check_batch(batch, n)
     return r * (batch // n), batch // n
+
+
+def check_device(device: torch.device, processes: int, launcher: str = "torchrun") -> None:
+    """Raise InputError unless ``processes`` processes of one machine can train on ``device``: the CPU, or
+    CUDA with a GPU for each (not one named GPU, not MPS)."""
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise InputError("device", f"{device.type} trains on one process only: use cuda or cpu")
+    if device.index is not None:
+        raise InputError(
+            "device",
+            f"{device} names one GPU, but with several processes each takes the GPU of its local rank: "
+            "write device: cuda (or auto)",
+        )
+    if processes > (gpus := torch.cuda.device_count()):
+        raise InputError(
+            "device", f"{launcher} starts {processes} processes on this machine, which has {gpus} GPU(s)"
+        )
 
 
 def process_device(device: torch.device) -> torch.device:
@@ -101,27 +131,55 @@ def process_device(device: torch.device) -> torch.device:
     process's local rank.
 
     Raises:
-        InputError: a single GPU (``cuda:N``) or MPS named under torchrun, or more processes on this node
-            than it has GPUs (the same on every process of the node).
+        InputError: :func:`check_device` with the processes torchrun started on this node (the same on
+            every process of the node).
     """
-    if not launched() or device.type == "cpu":
+    if not launched():
         return device
-    if device.type != "cuda":
+    check_device(device, _env("LOCAL_WORLD_SIZE", 1))
+    return device if device.type == "cpu" else torch.device("cuda", _env("LOCAL_RANK", 0))
+
+
+def launch(processes: int, args: list[str]) -> None:
+    """Run ``python ARGS`` as ``processes`` processes of this machine under PyTorch's elastic agent, as
+    ``torchrun --standalone --nproc-per-node N`` does (a rendezvous on a free local port; no restarts); when
+    one fails the agent stops the others.
+
+    Raises:
+        Elsewhere: the first process to fail exited with status 2, having printed its one line.
+        InputError: it failed otherwise (killed, crashed): names it and how.
+    """
+    import logging
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
+    elastic = logging.getLogger("torch.distributed.elastic")
+    level, elastic.level = elastic.level, logging.CRITICAL  # its report of a failure is the line below
+    try:
+        elastic_launch(config, sys.executable)(*args)
+    except ChildFailedError as exc:
+        first, failure = exc.get_first_failure()
+        if failure.exitcode == 2:
+            raise Elsewhere(f"process {first} reported an error") from None
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit status {failure.exitcode}"
         raise InputError(
-            "device", f"{device.type} trains on one process only: use cuda or cpu under torchrun"
-        )
-    if device.index is not None:
-        raise InputError(
-            "device",
-            f"{device} names one GPU, but under torchrun each process takes the GPU of its local rank: "
-            "write device: cuda (or auto)",
-        )
-    processes, gpus = _env("LOCAL_WORLD_SIZE", 1), torch.cuda.device_count()
-    if processes > gpus:
-        raise InputError(
-            "device", f"torchrun started {processes} processes on this node, which has {gpus} GPU(s)"
-        )
-    return torch.device("cuda", _env("LOCAL_RANK", 0))
+            f"process {first}",
+            f"stopped ({how}), and the others with it; the last checkpoint is kept: --resume continues",
+        ) from None
+    finally:
+        elastic.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -157,10 +215,26 @@ def barrier() -> None:
         dist.barrier()
 
 
+class _Sum(torch.autograd.Function):
+    """All-reduce (sum) whose backward is the all-reduce of the output gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor):  # type: ignore[override]
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total
+
+
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of ``tensor`` over the processes, differentiable: the gradient of every rank's input is the
     sum of the ranks' output gradients (``tensor`` itself with one process)."""
-    return dist_nn.all_reduce(tensor) if world_size() > 1 else tensor
+    return _Sum.apply(tensor) if world_size() > 1 else tensor
 
 
 def broadcast(value: T) -> T:
@@ -290,4 +364,6 @@ def distribute(net: nn.Module, device: torch.device) -> nn.Module:
         return net
     synchronise_batch_norm(net)
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+    with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers, which older versions need
+        warnings.simplefilter("ignore", FutureWarning)
+        return nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)

@@ -395,9 +395,9 @@ def train(
     ['checkpoint_stage1.pt', 'stage1.pt']
     """
     started = time.monotonic() if started is None else started
-    device = ddp.process_device(resolve_device(config.device))
     if ddp.launched():
-        _check_distributed(config)
+        check_distributed(config, ddp.launched_processes())
+    device = ddp.process_device(resolve_device(config.device))
     created = not config.output.exists()
     try:
         with ddp.session(device), contextlib.ExitStack() as lock:
@@ -409,16 +409,21 @@ def train(
         raise
 
 
-def _check_distributed(config: TrainConfig) -> None:
-    """What torchrun refuses, on every process before the process group is joined: a time budget (planned
-    and timed for one process), and a batch size of the user's that the processes cannot share evenly."""
+def check_distributed(config: TrainConfig, processes: int) -> None:
+    """What training on several processes refuses before any process starts work: a time budget (planned
+    and timed for one process), and a batch size of the user's that the processes cannot share evenly. (The
+    device: :func:`meunet.ddp.check_device`.)
+
+    Raises:
+        InputError: one of these, naming the key.
+    """
     if config.training.time_budget is not None:
         raise InputError(
             "training.time_budget",
-            "plans and times one process: under torchrun set the limits (max_epochs, max_iterations) instead",
+            "plans and times one process: with several, set the limits (max_epochs, max_iterations) instead",
         )
     if "training.batch_size" in user_keys(config):
-        ddp.share(config.training.batch_size)
+        ddp.check_batch(config.training.batch_size, processes)
 
 
 def _plan(
