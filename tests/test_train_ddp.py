@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ LEARNING_RATE = 9e-4
 # Run by torchrun: the runs of the configurations given, in one process group (one start for several runs).
 RUNS = """
 import sys
+import time
 import torch.distributed as dist
 from meunet.train import load_config, train
 
@@ -245,3 +247,17 @@ def test_processes_without_their_gpus_or_with_a_time_budget_are_one_line(dataset
     )
     assert result.exit_code == 2 and result.stderr.startswith("error: training.time_budget: ")
     assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_planned_batch_is_planned_per_process(dataset, tmp_path, monkeypatch):
+    from meunet import ddp
+    from meunet.train import pipeline
+    from meunet.train.data import resolve_split
+
+    config = parse_config({"output": str(tmp_path / "out"), "data": {"dataset": str(dataset)}}, "cfg")
+    split, cpu = resolve_split(config), torch.device("cpu")
+    alone, plan = pipeline._plan(config, split, cpu, time.monotonic())
+    monkeypatch.setattr(ddp, "world_size", lambda: 2)
+    shared, _ = pipeline._plan(config, split, cpu, time.monotonic())
+    assert alone.training.batch_size == plan.value("training.batch_size")  # fits one device
+    assert shared.training.batch_size == 2 * alone.training.batch_size  # the global batch of two

@@ -400,11 +400,15 @@ def train(
     device = ddp.process_device(resolve_device(config.device))
     created = not config.output.exists()
     try:
-        with ddp.session(device), contextlib.ExitStack() as lock:
-            ddp.on_main(lambda: lock.enter_context(output_lock(config.output)) and None)
+        with ddp.session(device), contextlib.ExitStack() as held:
+
+            def lock() -> None:  # rank 0's: another run's lock is one line on every process
+                held.enter_context(output_lock(config.output))
+
+            ddp.on_main(lock)
             return _train(config, resume, force, started, device)
     except BaseException:
-        if ddp.is_main() and created and config.output.is_dir() and not any(config.output.iterdir()):
+        if ddp.first_process() and created and config.output.is_dir() and not any(config.output.iterdir()):
             config.output.rmdir()  # what failed before anything was kept leaves nothing behind
         raise
 
