@@ -6,9 +6,14 @@ temporary folder, trains both stages for ``iterations`` steps each with a valida
 end, and reads ``it_per_s`` of the second half (after warm-up) from ``train_log.csv``. On CUDA it also
 reports the peak allocated memory. Prints a table and writes JSON.
 
+With ``--nproc N`` the run is ``meunet train --nproc N`` (N processes sharing the global batch ``--batch``
+under DistributedDataParallel: one per GPU, or CPU processes with gloo), started as a subprocess; the
+steps per second are rank 0's, of the global batch. Peak memory is then not measured. On a CPU give each
+process its share of the cores (``OMP_NUM_THREADS``).
+
     .venv/bin/python benchmarks/train_speed.py [--widths 8 16 32 64 64] [--patch 48] [--batch 2]
         [--shape 96 96 192] [--iterations 30] [--device cpu] [--precision fp32] [--checkpointing]
-        [--workers 0] [--json train_speed.json]
+        [--workers 0] [--nproc 1] [--json train_speed.json]
 """
 
 from __future__ import annotations
@@ -16,11 +21,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from meunet.io import Volume, write_volume
 from meunet.train import parse_config, train
@@ -52,6 +61,9 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="processes sharing the batch (meunet train --nproc)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -82,12 +94,20 @@ def main() -> None:
                 "progress": False,
             },
         }
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        train(parse_config(config, "benchmark", folder))
+        begun = time.perf_counter()
+        if args.nproc > 1:
+            (folder / "config.yaml").write_text(yaml.safe_dump(config))
+            command = [sys.executable, "-m", "meunet", "train", "config.yaml", "--nproc", str(args.nproc)]
+            subprocess.run(command, cwd=folder, check=True)
+        else:
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            train(parse_config(config, "benchmark", folder))
+        wall = time.perf_counter() - begun
         with (folder / "model" / "train_log.csv").open() as f:
             rows = {r["stage"]: r for r in csv.DictReader(f)}.values()  # the last row of each stage
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+    cuda = args.device.startswith("cuda") and args.nproc == 1
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     records = [
         {
             "stage": int(r["stage"]),
@@ -100,17 +120,20 @@ def main() -> None:
             "precision": args.precision,
             "checkpointing": args.checkpointing,
             "workers": args.workers,
+            "nproc": args.nproc,
             "torch_threads": torch.get_num_threads(),
+            "wall_s": round(wall, 1),
             "peak_cuda_gib": peak,
         }
         for r in rows
     ]
-    print(f"{'stage':>5} {'it/s':>7} {'s/it':>7}  patch/context  batch  widths  device  precision")
+    print(f"{'stage':>5} {'it/s':>7} {'s/it':>7}  patch/context  batch  nproc  widths  device  precision")
     for r in records:
         print(
             f"{r['stage']:>5} {r['it_per_s']:>7.2f} {1 / r['it_per_s']:>7.2f}  {r['patch']}/{r['context']}"
-            f"  {r['batch']}  {r['widths']}  {r['device']}  {r['precision']}"
+            f"  {r['batch']}  {r['nproc']}  {r['widths']}  {r['device']}  {r['precision']}"
         )
+    print(f"whole command (data, both stages, validations): {wall:.0f} s")
     if peak is not None:
         print(f"peak CUDA memory allocated over both stages: {peak:.2f} GiB")
     if args.json:

@@ -17,18 +17,25 @@ from typer.core import TyperGroup
 
 from meunet import __version__
 from meunet.allocator import allocator_tunables
-from meunet.errors import InputError
+from meunet.errors import Elsewhere, InputError
 from meunet.io import atomic_output, check_new_output, write_json
 
 
 class _Group(TyperGroup):
-    """Typer group that reports :class:`InputError` as one line and exit status 2."""
+    """Typer group that reports :class:`InputError` as one line and exit status 2 (under torchrun from one
+    process: :func:`meunet.ddp.reports_errors`; the others, and those that stop with :class:`Elsewhere`,
+    exit with status 2 silently)."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except InputError as exc:
-            typer.echo(f"error: {exc.path}: {exc.message}", err=True)
+            from meunet.ddp import reports_errors
+
+            if reports_errors():
+                typer.echo(f"error: {exc.path}: {exc.message}", err=True)
+            raise typer.Exit(2) from None
+        except Elsewhere:
             raise typer.Exit(2) from None
 
 
@@ -338,16 +345,45 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in the output."),
     force: bool = typer.Option(False, "--force", help="Start over in an output that holds a run."),
     time_budget: str | None = _TIME_BUDGET,
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        min=1,
+        help="Train on N processes of this machine, one per GPU (or CPU processes), sharing the batch "
+        "(as torchrun --standalone --nproc-per-node N; several machines: torchrun, docs/training.md).",
+    ),
 ) -> None:
     """Train stage 1, stage 2 or both from a YAML configuration into a model directory; keys it leaves out
     are planned for the data and the device (meunet plan)."""
     import time
 
     started = time.monotonic()
+    from meunet import ddp
     from meunet.train import train
 
-    model = train(_budgeted(config, time_budget), resume=resume, force=force, started=started)
-    typer.echo(f"model directory: {model}")
+    loaded = _budgeted(config, time_budget)
+    if nproc > 1:
+        from meunet.train.pipeline import check_distributed, resolve_device
+
+        if ddp.launched():
+            raise InputError("--nproc", "under torchrun already: give torchrun the processes alone")
+        check_distributed(loaded, nproc)
+        ddp.check_device(resolve_device(loaded.device), nproc, f"--nproc {nproc}")
+        flags = [f for f, on in (("--resume", resume), ("--force", force)) if on]  # a budget was refused
+        ddp.launch(nproc, ["-m", "meunet", "train", str(config), *flags])
+        return
+    try:
+        model = train(loaded, resume=resume, force=force, started=started)
+    except RuntimeError as exc:
+        if not ddp.lost_process(exc):
+            raise
+        raise InputError(
+            "torchrun",
+            "another process of this run stopped (torchrun names it); the last checkpoint is kept: "
+            "the same command with --resume continues the run",
+        ) from None
+    if ddp.first_process():
+        typer.echo(f"model directory: {model}")
 
 
 @app.command("predict")

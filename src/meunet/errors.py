@@ -24,3 +24,8 @@ class InputError(Exception):
 
     def __reduce__(self):  # rebuilt from its two parts when it crosses processes (Dask workers)
         return (InputError, (self.path, self.message))
+
+
+class Elsewhere(Exception):
+    """Under torchrun, rank 0 hit an error and reports it; another process stops with it silently (exit
+    status 2 from the CLI)."""

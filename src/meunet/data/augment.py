@@ -35,6 +35,11 @@ class Transforms:
     affine: torch.Tensor
     flips: torch.Tensor
 
+    def rows(self, first: int, count: int) -> Transforms:
+        """The transforms of samples ``first .. first + count - 1``."""
+        rows = slice(first, first + count)
+        return Transforms(self.matrices[rows], self.affine[rows], self.flips[rows])
+
 
 def _rotation(axis: int, angle: torch.Tensor) -> torch.Tensor:
     """(N, 3, 3) rotations about one of the (z, y, x) axes by ``angle`` (N,)."""
@@ -143,6 +148,8 @@ def perturb_probabilities(
     max_radius: int = 8,
     removal_probability: float = 0.2,
     max_component_fraction: float = 0.15,
+    first: int = 0,
+    total: int | None = None,
 ) -> torch.Tensor:
     """Perturb cached stage-1 probabilities so that stage 2 learns to correct stage 1 (nnU-Net's cascade
     augmentation, on probabilities).
@@ -156,7 +163,9 @@ def perturb_probabilities(
 
     Args:
         probs: (N, C, Z, Y, X) float probabilities, channel 0 background.
-        generator: CPU generator; exactly ``N (2 + 4 (C - 1))`` numbers are drawn, whatever happens.
+        generator: CPU generator; exactly ``total (2 + 4 (C - 1))`` numbers are drawn, whatever happens.
+        first, total: ``probs`` are samples ``first .. first + N - 1`` of a batch of ``total`` (default N),
+            the rest of which other processes perturb: the draws are those of the whole batch.
 
     Returns:
         New (N, C, Z, Y, X) tensor, same dtype and device.
@@ -164,11 +173,11 @@ def perturb_probabilities(
     import cc3d
 
     n, channels = probs.shape[:2]
-    draws = torch.rand(n, 2 + 4 * (channels - 1), generator=generator)
+    draws = torch.rand(n if total is None else total, 2 + 4 * (channels - 1), generator=generator)
     out = probs.clone()
     for i in range(n):
         sample = probs[i].float()
-        d = draws[i]
+        d = draws[first + i]
         classes = (torch.argsort(d[2 : 2 + channels - 1]) + 1).tolist()
         if d[0] < morphology_probability:
             for k, c in enumerate(classes):
@@ -250,7 +259,7 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def apply_intensity(
-    images: list[torch.Tensor], t: Intensity, generator: torch.Generator
+    images: list[torch.Tensor], t: Intensity, generator: torch.Generator, first: int = 0
 ) -> list[torch.Tensor]:
     """Apply :func:`random_intensity`'s transforms to batches of normalised images of the same samples.
 
@@ -260,18 +269,25 @@ def apply_intensity(
     voxel of every sample with noise), so a seed gives the same result on every device.
 
     Args:
-        images: (N, 1, Z_k, Y_k, X_k) float images, N as in ``t``; e.g. ``[local, context]``.
+        images: (N, 1, Z_k, Y_k, X_k) float images of samples ``first .. first + N - 1`` of ``t``'s batch;
+            e.g. ``[local, context]``. The noise of the batch's other samples (which other processes
+            transform) is drawn and dropped, so ``generator`` ends where the whole batch leaves it.
 
     Returns:
         New tensors, same shapes, dtypes and devices.
     """
     outs = [x.clone() for x in images]
-    for i in range(len(images[0])):
-        first = _blurred(images[0][i : i + 1], t, i) * float(t.scale[i]) + float(t.shift[i])
-        mean = first.mean()
-        low, high = first.min(), first.max()
+    for i in range(len(t.scale)):
+        j = i - first
+        if not 0 <= j < len(images[0]):
+            for x in images if t.noise[i] > 0 else ():
+                torch.randn((1, *x.shape[1:]), generator=generator)
+            continue
+        local = _blurred(images[0][j : j + 1], t, i) * float(t.scale[i]) + float(t.shift[i])
+        mean = local.mean()
+        low, high = local.min(), local.max()
         for out, x in zip(outs, images, strict=True):
-            v = _blurred(x[i : i + 1], t, i) * float(t.scale[i]) + float(t.shift[i])
+            v = _blurred(x[j : j + 1], t, i) * float(t.scale[i]) + float(t.shift[i])
             if t.contrast[i] != 1:
                 v = (v - mean) * float(t.contrast[i]) + mean
             if t.gamma[i] != 1:
@@ -280,7 +296,7 @@ def apply_intensity(
                 v = ((v - lo) / span.clamp_min(1e-6)).clamp(0, 1) ** float(t.gamma[i]) * span + lo
             if t.noise[i] > 0:
                 v = v + float(t.noise[i]) * torch.randn(v.shape, generator=generator).to(v.device, v.dtype)
-            out[i : i + 1] = v
+            out[j : j + 1] = v
     return outs
 
 

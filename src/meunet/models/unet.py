@@ -35,6 +35,11 @@ def _recomputing() -> Iterator[None]:
         _recompute.active = before
 
 
+def recomputing() -> bool:
+    """Whether the current thread is recomputing a checkpointed segment."""
+    return getattr(_recompute, "active", False)
+
+
 def _checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     return contextlib.nullcontext(), _recomputing()
 
@@ -49,7 +54,7 @@ class BatchNorm3d(nn.BatchNorm3d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and getattr(_recompute, "active", False):
+        if self.training and recomputing():
             # Throw-away copies of the buffers: same saved tensors as the first pass, buffers untouched.
             stats = (self.running_mean.clone(), self.running_var.clone())
             return F.batch_norm(x, *stats, self.weight, self.bias, True, 0.0, self.eps)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch import nn
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
+from meunet import ddp
 from meunet.data.augment import (
     apply_intensity,
     apply_transforms,
@@ -29,7 +31,7 @@ from meunet.precision import autocast, resolve_precision
 from meunet.train.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from meunet.train.config import AugmentationConfig, Stage2Config, TrainConfig
 from meunet.train.log import TrainLog
-from meunet.train.loss import wd_loss
+from meunet.train.loss import Across, wd_loss
 
 Batch = dict[str, torch.Tensor]
 
@@ -85,6 +87,8 @@ def augment_batch(
     augmentation: AugmentationConfig,
     image_fill: float,
     perturb: Stage2Config,
+    first: int = 0,
+    total: int | None = None,
 ) -> Batch:
     """Augment a batch on its device; one spatial transform per sample, shared by all of the sample's tensors
     (or, with ``augmentation.independent_context``, a second one for the context patches, as the paper's
@@ -95,14 +99,20 @@ def augment_batch(
     ``context_label``, uint8) are warped by nearest neighbour, returned as int64, the context labels then
     taken at every second voxel; cached ``stage1`` probabilities trilinearly with one-hot background outside,
     then perturbed (:func:`perturb_probabilities` with ``perturb``'s settings).
+
+    With ``first`` and ``total``, ``batch`` holds rows ``first ..`` of a global batch of ``total`` samples
+    whose other rows other processes augment: every random number is drawn for the whole batch, so each
+    process's rows are augmented as one process augments them, and ``generator`` ends in the same state.
     """
     a = augmentation
     n = len(batch["image"])
-    transforms = random_transforms(n, a.affine_probability, a.rotation, a.scale, a.flips, generator)
+    total = n if total is None else total
+    transforms = random_transforms(total, a.affine_probability, a.rotation, a.scale, a.flips, generator)
     context = transforms
     if a.independent_context and "context_image" in batch:
-        context = random_transforms(n, a.affine_probability, a.rotation, a.scale, a.flips, generator)
-    intensity = random_intensity(n, a.intensity_probability, generator)
+        context = random_transforms(total, a.affine_probability, a.rotation, a.scale, a.flips, generator)
+    intensity = random_intensity(total, a.intensity_probability, generator)
+    transforms, context = transforms.rows(first, n), context.rows(first, n)
     out = {}
     for key, value in batch.items():
         t = context if key.startswith("context_") else transforms
@@ -116,7 +126,8 @@ def augment_batch(
             out[key] = apply_transforms(value, t, "bilinear", image_fill)
     images = [k for k in ("image", "context_image") if k in out]
     if a.intensity_probability > 0:
-        out.update(zip(images, apply_intensity([out[k] for k in images], intensity, generator), strict=True))
+        changed = apply_intensity([out[k] for k in images], intensity, generator, first)
+        out.update(zip(images, changed, strict=True))
     if "context_label" in out:
         out["context_label"] = out["context_label"][:, ::2, ::2, ::2]
     if "stage1" in out:
@@ -126,6 +137,8 @@ def augment_batch(
             perturb.morphology_probability,
             perturb.max_radius,
             perturb.removal_probability,
+            first=first,
+            total=total,
         )
     return out
 
@@ -153,23 +166,30 @@ def learning_rate(config: TrainConfig, iteration: int, total: int) -> float:
     return t.learning_rate * factor
 
 
-def stage1_losses(net: nn.Module, batch: Batch, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """W_D on the local head plus W_D on the half-resolution context head (weights 1:1)."""
+def stage1_losses(
+    net: nn.Module, batch: Batch, weights: torch.Tensor, across: Across | None = None
+) -> dict[str, torch.Tensor]:
+    """W_D on the local head plus W_D on the half-resolution context head (weights 1:1); ``across``: as in
+    :func:`meunet.train.loss.wd_loss` (the losses of the global batch)."""
     local, context = net(batch["image"], batch["context_image"])
-    local_loss = wd_loss(local, batch["label"], weights)
-    context_loss = wd_loss(context, batch["context_label"], weights)
+    local_loss = wd_loss(local, batch["label"], weights, across)
+    context_loss = wd_loss(context, batch["context_label"], weights, across)
     return {"loss": local_loss + context_loss, "local_loss": local_loss, "context_loss": context_loss}
 
 
-def local_losses(net: nn.Module, batch: Batch, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+def local_losses(
+    net: nn.Module, batch: Batch, weights: torch.Tensor, across: Across | None = None
+) -> dict[str, torch.Tensor]:
     """W_D of a plain U-net's logits on the local patch (stage 1 with ``model.stage1: unet``)."""
-    loss = wd_loss(net(batch["image"]), batch["label"], weights)
+    loss = wd_loss(net(batch["image"]), batch["label"], weights, across)
     return {"loss": loss, "local_loss": loss}
 
 
-def stage2_losses(net: nn.Module, batch: Batch, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+def stage2_losses(
+    net: nn.Module, batch: Batch, weights: torch.Tensor, across: Across | None = None
+) -> dict[str, torch.Tensor]:
     """W_D of the cascade's logits given the (augmented, perturbed) cached stage-1 probabilities."""
-    loss = wd_loss(net(batch["image"], batch["stage1"]), batch["label"], weights)
+    loss = wd_loss(net(batch["image"], batch["stage1"]), batch["label"], weights, across)
     return {"loss": loss, "local_loss": loss}
 
 
@@ -192,7 +212,9 @@ def recalibrate_batch_norm(
     collapse evaluation-mode predictions; this makes evaluation match the weights being validated.
 
     Layers of frozen parts (stage 1 inside a stage-2 cascade) are left alone; a network without BatchNorm is
-    untouched and no training random state is consumed, so resumption stays exact.
+    untouched and no training random state is consumed, so resumption stays exact. With several processes
+    every process runs this on its rows of each batch (``augment`` knows them) and synchronised BatchNorm
+    averages over the whole batches, as one process does.
     """
     norms = [
         m
@@ -210,12 +232,39 @@ def recalibrate_batch_norm(
     )
     stage.net.train()
     batch_size = config.training.batch_size
-    with torch.no_grad(), autocast(resolve_precision(config.precision, device), device):
-        for start in range(position, position + samples, batch_size):
-            batch = default_collate([stage.dataset[i] for i in range(start, start + batch_size)])
-            stage.losses(stage.net, augment({k: v.to(device) for k, v in batch.items()}, generator))
+    precision = resolve_precision(config.precision, device)
+    with torch.no_grad():
+        for rows in RankRows(position, -(-samples // batch_size), batch_size).batches():
+            # collated outside autocast: CPU and CUDA autocast refuse to stack float16 stage-1 probabilities
+            batch = default_collate([stage.dataset[i] for i in rows])
+            with autocast(precision, device):
+                stage.losses(stage.net, augment({k: v.to(device) for k, v in batch.items()}, generator))
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
+
+
+@dataclass(frozen=True)
+class RankRows:
+    """The training-stream positions this process reads for ``steps`` global batches of ``batch`` samples
+    from ``position`` on: its rows of each (:func:`meunet.ddp.share`); all of them with one process.
+    Iterating gives the positions (a loader's sampler), :meth:`batches` one range per step."""
+
+    position: int
+    steps: int
+    batch: int
+
+    def batches(self) -> Iterator[range]:
+        first, count = ddp.share(self.batch)
+        for step in range(self.steps):
+            start = self.position + step * self.batch + first
+            yield range(start, start + count)
+
+    def __iter__(self) -> Iterator[int]:
+        for rows in self.batches():
+            yield from rows
+
+    def __len__(self) -> int:
+        return self.steps * ddp.share(self.batch)[1]
 
 
 def iteration_limit(config: TrainConfig, kept_patches: int) -> int:
@@ -251,16 +300,25 @@ def fit_stage(
         checkpoint: this stage's checkpoint file.
         log: the training log (rows past a resumed checkpoint are dropped).
         device: where to train.
-        augment: ``augment(batch, generator)`` applied on the device before each step.
+        augment: ``augment(batch, generator)`` applied on the device before each step (with several
+            processes also given the rows: ``first``, ``total``; see :func:`augment_batch`).
         resume: continue from ``checkpoint`` if it exists; otherwise start afresh (and delete it).
         deadline: ``time.monotonic()`` by which the stage must have ended: it validates and stops at the
             step after which one more step and one more validation (as long as the last) would pass it.
         validation_seconds: how long a validation is expected to take until one has been timed.
 
+    Under torchrun every process runs this: each trains on its rows of every global batch
+    (:class:`RankRows`) through ``DistributedDataParallel`` (:func:`meunet.ddp.distribute`), all draw the
+    random numbers of the whole batch, and rank 0 alone validates (the others receive the Dice), logs and
+    writes the model directory and the checkpoint; all wait for it before returning.
+
     Returns:
         The number of optimiser steps taken in this call (0 when the stage had already finished).
     """
     training = config.training
+    batch_size = training.batch_size
+    if ddp.world_size() > 1:
+        augment = partial(augment, first=ddp.share(batch_size)[0], total=batch_size)
     params = [p for p in stage.net.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=training.learning_rate)
     precision = resolve_precision(config.precision, device)
@@ -280,7 +338,7 @@ def fit_stage(
             progress = Progress(**state["progress"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise InputError(checkpoint, f"not a resumable checkpoint of this run ({exc!r})"[:300]) from None
-    else:
+    elif ddp.is_main():
         checkpoint.unlink(missing_ok=True)
     total = iteration_limit(config, len(stage.dataset))
     if progress.stopped_early or progress.iteration >= total:
@@ -288,12 +346,13 @@ def fit_stage(
     log.keep_until(stage.number, progress.iteration)
     first = progress.iteration
 
-    batch_size = training.batch_size
+    model = ddp.distribute(stage.net, device)
     every = training.validate_every or math.ceil(len(stage.dataset) / batch_size)
+    rows = RankRows(progress.position, total - progress.iteration, batch_size)
     loader = torch.utils.data.DataLoader(
         stage.dataset,
-        batch_size=batch_size,
-        sampler=range(progress.position, progress.position + (total - progress.iteration) * batch_size),
+        batch_size=ddp.share(batch_size)[1],
+        sampler=rows,
         num_workers=training.workers,
         pin_memory=device.type == "cuda",
     )
@@ -303,14 +362,17 @@ def fit_stage(
     interval = time.perf_counter()
     stage.net.train()
     bar = tqdm(
-        total=total, initial=progress.iteration, desc=f"stage {stage.number}", disable=not training.progress
+        total=total,
+        initial=progress.iteration,
+        desc=f"stage {stage.number}",
+        disable=not (training.progress and ddp.is_main()),
     )
     for batch in loader:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, progress.iteration, total)
         batch = augment({k: v.to(device, non_blocking=True) for k, v in batch.items()}, generator)
         with autocast(precision, device):
-            losses = stage.losses(stage.net, batch)
+            losses = stage.losses(model, batch)
         if not torch.isfinite(losses["loss"].detach()).item():  # stop before non-finite weights exist
             raise InputError(
                 "training",
@@ -340,14 +402,15 @@ def fit_stage(
         recalibrate_batch_norm(
             stage, config, device, augment, progress.position, min(RECALIBRATION_SAMPLES, steps * batch_size)
         )
-        dice = stage.validate()
+        dice = ddp.on_main(stage.validate)
         validation_seconds = time.perf_counter() - now
         stage.net.train()
         foreground = dice[1:][np.isfinite(dice[1:])]
         score = float(foreground.mean()) if foreground.size else 0.0
         if score > progress.best_score:
             progress.best_score, progress.best_iteration, progress.stale = score, progress.iteration, 0
-            stage.save_best()
+            if ddp.is_main():
+                stage.save_best()
         else:
             progress.stale += 1
             progress.stopped_early = progress.stale >= training.patience
@@ -355,22 +418,24 @@ def fit_stage(
         row = {k: v / steps for k, v in sums.items()}
         row.update(stage=stage.number, iteration=progress.iteration, seconds=progress.seconds, it_per_s=speed)
         row.update(epoch=progress.position / len(stage.dataset), mean_foreground_dice=score)
-        log.append(row, dice)
-        save_checkpoint(
-            checkpoint,
-            {
-                "stage": stage.number,
-                "net": stage.net.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "generator": generator.get_state(),
-                "rng": rng_states(),
-                "progress": asdict(progress),
-            },
-        )
+        if ddp.is_main():  # the global state: another number of processes may resume it
+            log.append(row, dice)
+            save_checkpoint(
+                checkpoint,
+                {
+                    "stage": stage.number,
+                    "net": stage.net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "generator": generator.get_state(),
+                    "rng": rng_states(),
+                    "progress": asdict(progress),
+                },
+            )
         sums, steps, interval = {}, 0, time.perf_counter()
         bar.set_postfix(loss=f"{row['loss']:.4f}", dice=f"{score:.3f}")
         if progress.stopped_early or late:
             break
     bar.close()
+    ddp.barrier()  # rank 0's model directory and checkpoint are complete before any process reads them
     return progress.iteration - first

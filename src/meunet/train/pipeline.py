@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import zarr
 
-from meunet import __version__
+from meunet import __version__, ddp
 from meunet.data.normalization import Normalization
 from meunet.data.patches import PatchDataset
 from meunet.data.sampling import PatchIndex, fold_regions, without_regions
@@ -55,6 +56,12 @@ STAGE1_FILES = ("model.json", "stage1.pt", "checkpoint_stage1.pt", "train_log.cs
 STAGE2_FILES = ("stage2.pt", "stage2_rejected.pt", "checkpoint_stage2.pt")
 CACHE_DIR = "stage1_cache"
 OVERLAP = 0.5
+
+
+def _say(message: str) -> None:
+    """A ``meunet train:`` line on stderr, from rank 0 alone under torchrun."""
+    if ddp.is_main():
+        print(f"meunet train: {message}", file=sys.stderr)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,7 +178,8 @@ def _fit(
 
     weights = class_weights(index.class_counts).to(device)
     kind = stage1_losses if meunet_stage1 else local_losses if caches is None else stage2_losses
-    losses = partial(kind, weights=weights)
+    across = ddp.sum_over_ranks if ddp.world_size() > 1 else None
+    losses = partial(kind, weights=weights, across=across)
     stage = Stage(number, net, dataset, losses, validate, save_best)
     augment = _augment(config, data)
     return fit_stage(stage, config, checkpoint, log, device, augment, resume, deadline, validation)
@@ -238,57 +246,57 @@ def _out_of_fold_caches(config, data, cascade, engine, paths: list[Path], out: P
     slices are copied into the caches. A cache whose key (fold weights, regions, image, engine) matches is
     reused. Returns what ``model.json`` records under ``out_of_fold`` (folds, regions, seconds), or None
     when some fold would have no training patch left (the caller then caches in-fold output).
+
+    Under torchrun the folds train one after the other, each on all processes; their predictions of the
+    held-out volumes are dealt out over the processes, and rank 0 copies the held-out slices.
     """
     started = time.perf_counter()
     shapes = [tuple(open_array(p.image).shape) for p in data.split.train]
     folds = fold_regions(shapes, config.stage2.folds)
     indices = [_fold_index(config, data, regions) for regions in folds]
     if not all(len(index) for index in indices):
-        print(
-            "meunet train: stage2.out_of_fold: a fold leaves no training patch outside the region it holds "
+        _say(
+            "stage2.out_of_fold: a fold leaves no training patch outside the region it holds "
             f"out (training volumes too small for {len(folds)} folds of {list(config.patch.size)} patches); "
-            "stage 2 trains on the final stage 1's output of its training volumes instead",
-            file=sys.stderr,
+            "stage 2 trains on the final stage 1's output of its training volumes instead"
         )
         return None
     nets = []
     for fold, index in enumerate(indices):
         nets.append(_train_fold(config, data, fold, index, out / CACHE_DIR, device, resume, clock))
-        print(
-            f"meunet train: out-of-fold stage 1, fold {fold + 1}/{len(folds)} trained "
-            f"({time.perf_counter() - started:.0f} s so far)",
-            file=sys.stderr,
+        _say(
+            f"out-of-fold stage 1, fold {fold + 1}/{len(folds)} trained "
+            f"({time.perf_counter() - started:.0f} s so far)"
         )
+    digests = [file_digest(out / CACHE_DIR / f"fold{fold}.pt") for fold in range(len(folds))]
+    scratches = [(fold, region) for fold, regions in enumerate(folds) for region in regions]
+    for fold, (volume, *_) in ddp.mine(scratches):
+        cascade.stage1 = nets[fold]  # the cascade predicts with this fold's stage 1 (the caller restores it)
+        pair = data.split.train[volume]
+        scratch = out / CACHE_DIR / f"fold{fold}_train_{volume}.zarr"
+        key = _cache_key(digests[fold], pair, engine)
+        cache_stage1_output(cascade, open_array(pair.image), data.normalization, engine, scratch, key)
+    ddp.barrier()
+    if ddp.is_main():
+        _copy_held_out(scratches, shapes, len(data.split.classes), paths, out)
+    ddp.barrier()
+    seconds = time.perf_counter() - started
+    _say(f"out-of-fold stage-1 output of {len(folds)} folds took {seconds:.0f} s")
+    return {"folds": len(folds), "regions": folds, "seconds": round(seconds, 1)}
+
+
+def _copy_held_out(scratches, shapes, channels: int, paths: list[Path], out: Path) -> None:
+    """Assemble the training caches ``paths`` from the held-out slices of each fold's predictions."""
     targets = []
     for path, shape in zip(paths, shapes, strict=True):
         shutil.rmtree(path, ignore_errors=True)
-        channels = len(data.split.classes)
         chunks = (channels, *(min(64, n) for n in shape))
         targets.append(zarr.create_array(path, shape=(channels, *shape), chunks=chunks, dtype=np.float16))
-    for fold, (regions, net) in enumerate(zip(folds, nets, strict=True)):
-        cascade.stage1 = net  # the cascade predicts with this fold's stage 1 (the caller restores it)
-        digest = file_digest(out / CACHE_DIR / f"fold{fold}.pt")
-        for volume, axis, lo, hi in regions:
-            pair = data.split.train[volume]
-            scratch = out / CACHE_DIR / f"fold{fold}_train_{volume}.zarr"
-            cache_stage1_output(
-                cascade,
-                open_array(pair.image),
-                data.normalization,
-                engine,
-                scratch,
-                _cache_key(digest, pair, engine),
-            )
-            source = zarr.open_array(scratch, mode="r")
-            for start in range(lo, hi, 64):
-                box = (slice(None),) * (1 + axis) + (slice(start, min(start + 64, hi)),)
-                targets[volume][box] = source[box]
-    seconds = time.perf_counter() - started
-    print(
-        f"meunet train: out-of-fold stage-1 output of {len(folds)} folds took {seconds:.0f} s",
-        file=sys.stderr,
-    )
-    return {"folds": len(folds), "regions": folds, "seconds": round(seconds, 1)}
+    for fold, (volume, axis, lo, hi) in scratches:
+        source = zarr.open_array(out / CACHE_DIR / f"fold{fold}_train_{volume}.zarr", mode="r")
+        for start in range(lo, hi, 64):
+            box = (slice(None),) * (1 + axis) + (slice(start, min(start + 64, hi)),)
+            targets[volume][box] = source[box]
 
 
 def _train_stage2(config, data, meta, out, device, log, resume, clock) -> None:
@@ -312,17 +320,21 @@ def _train_stage2(config, data, meta, out, device, log, resume, clock) -> None:
         record = _out_of_fold_caches(config, data, net, engine, caches["train"], out, device, resume, clock)
         net.stage1 = stage1
         meta = meta if record is None else {**meta, "out_of_fold": record}
-    for which, paths in caches.items():
-        if which == "train" and record is not None:
-            continue
-        for pair, path in zip(getattr(data.split, which), paths, strict=True):
-            key = _cache_key(digest, pair, engine)
-            cache_stage1_output(net, open_array(pair.image), data.normalization, engine, path, key)
+    pending = [
+        (pair, path)
+        for which, paths in caches.items()
+        if which != "train" or record is None
+        for pair, path in zip(getattr(data.split, which), paths, strict=True)
+    ]
+    for pair, path in ddp.mine(pending):  # under torchrun, the volumes are dealt out over the processes
+        key = _cache_key(digest, pair, engine)
+        cache_stage1_output(net, open_array(pair.image), data.normalization, engine, path, key)
+    ddp.barrier()
     save_best = partial(save_model_dir, out, meta, stage1, net, force=True)
     checkpoint = out / "checkpoint_stage2.pt"
     phase = None if clock is None else (clock, "stage 2")
     _fit(2, net, config, data, checkpoint, log, device, resume, save_best, caches, clock=phase)
-    if config.stage2.keep_if_better:
+    if config.stage2.keep_if_better and ddp.is_main():
         _keep_the_better_stage(out, meta, stage1)
 
 
@@ -383,21 +395,47 @@ def train(
     ['checkpoint_stage1.pt', 'stage1.pt']
     """
     started = time.monotonic() if started is None else started
+    if ddp.launched():
+        check_distributed(config, ddp.launched_processes())
+    device = ddp.process_device(resolve_device(config.device))
     created = not config.output.exists()
     try:
-        with output_lock(config.output):
-            return _train(config, resume, force, started)
+        with ddp.session(device), contextlib.ExitStack() as held:
+
+            def lock() -> None:  # rank 0's: another run's lock is one line on every process
+                held.enter_context(output_lock(config.output))
+
+            ddp.on_main(lock)
+            return _train(config, resume, force, started, device)
     except BaseException:
-        if created and config.output.is_dir() and not any(config.output.iterdir()):
+        if ddp.first_process() and created and config.output.is_dir() and not any(config.output.iterdir()):
             config.output.rmdir()  # what failed before anything was kept leaves nothing behind
         raise
+
+
+def check_distributed(config: TrainConfig, processes: int) -> None:
+    """What training on several processes refuses before any process starts work: a time budget (planned
+    and timed for one process), and a batch size of the user's that the processes cannot share evenly. (The
+    device: :func:`meunet.ddp.check_device`.)
+
+    Raises:
+        InputError: one of these, naming the key.
+    """
+    if config.training.time_budget is not None:
+        raise InputError(
+            "training.time_budget",
+            "plans and times one process: with several, set the limits (max_epochs, max_iterations) instead",
+        )
+    if "training.batch_size" in user_keys(config):
+        ddp.check_batch(config.training.batch_size, processes)
 
 
 def _plan(
     config: TrainConfig, split, device: torch.device, started: float
 ) -> tuple[TrainConfig, Plan | None]:
     """Plan the keys ``config`` leaves out (:func:`meunet.train.plan.plan_run`), timing the chosen sizes on
-    ``device`` when a time budget is set. Nothing to plan and no budget: no plan."""
+    ``device`` when a time budget is set. Nothing to plan and no budget: no plan. A planned batch fits one
+    device: under torchrun each process takes one, so the global batch is that times the processes."""
     fixed, budget = user_keys(config), config.training.time_budget
     if budget is None and all(key in fixed for key in PLANNED_KEYS):
         return config, None
@@ -407,15 +445,43 @@ def _plan(
     # the data checks that follow read the volumes once more, as the fingerprint did
     spent = time.monotonic() - started + time.monotonic() - begun
     plan = plan_run(data, probe_device(str(device)), fixed, budget, measure, spent)
-    return apply_plan(config, plan), plan
+    planned = apply_plan(config, plan)
+    if ddp.world_size() > 1 and "training.batch_size" in plan.planned:  # planned for one device's memory
+        batch = planned.training.batch_size * ddp.world_size()
+        planned = planned.model_copy(
+            update={"training": planned.training.model_copy(update={"batch_size": batch})}
+        )
+    return planned, plan
 
 
-def _train(config: TrainConfig, resume: bool, force: bool, started: float) -> Path:
-    """:func:`train`, run under the lock of its output."""
+def _train(config: TrainConfig, resume: bool, force: bool, started: float, device: torch.device) -> Path:
+    """:func:`train`, run under the lock of its output (held by rank 0 under torchrun)."""
+    out = config.output
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed patch and window sizes: pick fast kernels
+    config, stages, data, meta, plan = ddp.on_main(partial(_prepare, config, resume, force, started, device))
+    budget = config.training.time_budget
+    log = TrainLog(out / "train_log.csv", data.split.classes)
+    clock = None if budget is None else Deadline(started + BUDGET_USE * budget, plan)
+    phase = None if clock is None else (clock, "stage 1")
+    stage1_changed = 1 in stages and _train_stage1(config, data, meta, out, device, log, resume, phase)
+    if 2 in stages:
+        _train_stage2(config, data, meta, out, device, log, resume and not stage1_changed, clock)
+    if ddp.is_main():
+        if clock is None or clock.affords("post-processing"):
+            _choose_postprocessing(config, data, out, device)
+        else:
+            _say("time budget spent: no post-processing chosen (none is applied)")
+        log.plot(out / "curves.png")
+    ddp.barrier()
+    return out
+
+
+def _prepare(config: TrainConfig, resume: bool, force: bool, started: float, device: torch.device):
+    """Rank 0's checks and plan before any training: the output state, the checkpoints to resume, the split,
+    the plan, every volume, the stage 1 that a stage-2 run builds on; then the model directory's folder
+    (emptied of training files with ``force``). Returns ``(config, stages, data, meta, plan)``."""
     out = config.output
     stages = {"1": [1], "2": [2], "both": [1, 2]}[config.stages]
-    device = resolve_device(config.device)
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed patch and window sizes: pick fast kernels
     _check_output(out, stages, resume, force)
     if resume:  # a broken or foreign checkpoint is one line before any work
         for checkpoint in sorted(out.glob("*checkpoint*.pt")):
@@ -423,10 +489,14 @@ def _train(config: TrainConfig, resume: bool, force: bool, started: float) -> Pa
     split = resolve_split(config)
     config, plan = _plan(config, split, device, started)
     stages = {"1": [1], "2": [2], "both": [1, 2]}[config.stages]  # the plan may train stage 1 alone
-    budget = config.training.time_budget
     data = prepare_data(config, split)
     if plan is not None:  # after the data checks: a bad volume is one line
         print(format_plan(plan), file=sys.stderr)
+        if ddp.world_size() > 1 and "training.batch_size" in plan.planned:
+            _say(
+                f"{ddp.world_size()} processes: the planned batch of {plan.value('training.batch_size')} per "
+                f"process makes a global batch of {config.training.batch_size}"
+            )
     previous = load_model_dir(out) if stages == [2] else None
     if previous is not None:
         if len(previous.classes) != len(data.split.classes):
@@ -444,18 +514,7 @@ def _train(config: TrainConfig, resume: bool, force: bool, started: float) -> Pa
         _remove_outputs(out, stages)
         if previous is not None:  # back to a stage-1 model directory
             save_model_dir(out, meta, previous.stage1, None, force=True)
-    log = TrainLog(out / "train_log.csv", data.split.classes)
-    clock = None if budget is None else Deadline(started + BUDGET_USE * budget, plan)
-    phase = None if clock is None else (clock, "stage 1")
-    stage1_changed = 1 in stages and _train_stage1(config, data, meta, out, device, log, resume, phase)
-    if 2 in stages:
-        _train_stage2(config, data, meta, out, device, log, resume and not stage1_changed, clock)
-    if clock is None or clock.affords("post-processing"):
-        _choose_postprocessing(config, data, out, device)
-    else:
-        print("meunet train: time budget spent: no post-processing chosen (none is applied)", file=sys.stderr)
-    log.plot(out / "curves.png")
-    return out
+    return config, stages, data, meta, plan
 
 
 def _choose_postprocessing(config: TrainConfig, data: TrainingData, out: Path, device) -> None:
