@@ -37,6 +37,9 @@ TIMEOUT = datetime.timedelta(hours=3)
 
 _joined = False  # this process joined a process group (its errors are then reported by rank 0)
 
+LAUNCHER = "MEUNET_LAUNCHER"  # set for the processes that meunet train --nproc starts (see launch)
+LOST = 3  # their exit status when another process stopped: the launcher names that one
+
 
 def _env(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
@@ -146,10 +149,13 @@ def launch(processes: int, args: list[str]) -> None:
     one fails the agent stops the others.
 
     Raises:
-        Elsewhere: the first process to fail exited with status 2, having printed its one line.
-        InputError: it failed otherwise (killed, crashed): names it and how.
+        Elsewhere: a process exited with status 2, having printed its one line (or kept silent while
+            rank 0 printed it).
+        InputError: a process failed otherwise (killed, crashed): names the first, and how; processes that
+            only lost it (status :data:`LOST`) or that the agent then stopped (SIGTERM) come last.
     """
     import logging
+    import signal
     import sys
     import uuid
 
@@ -167,12 +173,14 @@ def launch(processes: int, args: list[str]) -> None:
     )
     elastic = logging.getLogger("torch.distributed.elastic")
     level, elastic.level = elastic.level, logging.CRITICAL  # its report of a failure is the line below
+    before, os.environ[LAUNCHER] = os.environ.get(LAUNCHER), "1"
     try:
         elastic_launch(config, sys.executable)(*args)
     except ChildFailedError as exc:
-        first, failure = exc.get_first_failure()
-        if failure.exitcode == 2:
-            raise Elsewhere(f"process {first} reported an error") from None
+        failures = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
+        if any(f.exitcode == 2 for _, f in failures):
+            raise Elsewhere("a process reported an error") from None
+        first, failure = min(failures, key=lambda item: item[1].exitcode in (LOST, -signal.SIGTERM))
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit status {failure.exitcode}"
         raise InputError(
             f"process {first}",
@@ -180,6 +188,10 @@ def launch(processes: int, args: list[str]) -> None:
         ) from None
     finally:
         elastic.setLevel(level)
+        if before is None:
+            del os.environ[LAUNCHER]
+        else:
+            os.environ[LAUNCHER] = before
 
 
 @contextlib.contextmanager
@@ -199,6 +211,11 @@ def session(device: torch.device) -> Iterator[None]:
     finally:
         with contextlib.suppress(Exception):  # after a lost process, leaving may fail too
             dist.destroy_process_group()
+
+
+def under_launcher() -> bool:
+    """Started by :func:`launch` (``meunet train --nproc``), which names a failed process itself."""
+    return os.environ.get(LAUNCHER) == "1"
 
 
 def lost_process(exc: BaseException) -> bool:
