@@ -9,7 +9,8 @@ joins the process group in :func:`session`: NCCL on GPUs (process ``LOCAL_RANK``
 Rank 0 alone reads and checks the data, plans, validates, logs and writes files; :func:`on_main` runs such a
 step there and hands its result (or its error) to every rank. Training steps run on every rank, each on its
 rows of the global batch (:func:`share`), with the losses' sums added over the ranks (:func:`sum_over_ranks`)
-and batch norm over the global batch (:class:`SyncBatchNorm3d`).
+and batch norm over the global batch (:class:`SyncBatchNorm3d`). ``meunet train --nproc N`` starts the N
+processes of one machine itself (:func:`launch`), as ``torchrun --standalone`` does.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from meunet.models.unet import BatchNorm3d, recomputing
 
 T = TypeVar("T")
 
-# Rank 0 validates, predicts the caches it owns and chooses the post-processing while the others wait in a
-# collective: longer than torch's default (10 to 30 minutes) so that paper-scale validation fits. A rank that
-# dies does not make the others wait this long: torchrun stops them.
+# Rank 0 validates and chooses the post-processing while the others wait in a collective: longer than
+# torch's default (10 to 30 minutes) so that paper-scale validation fits. A rank that dies does not make the
+# others wait this long: torchrun (or meunet train --nproc) stops them.
 TIMEOUT = datetime.timedelta(hours=3)
 
 _joined = False  # this process joined a process group (its errors are then reported by rank 0)
