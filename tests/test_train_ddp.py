@@ -210,9 +210,12 @@ def test_a_killed_process_resumes_exactly_on_two_processes_or_on_one(runs, datas
     stopped = _checkpoint(killed)["progress"]["iteration"]
     assert stopped in (2, 4)  # the second validation's checkpoint, unless torchrun stopped rank 0 first
     shutil.copytree(killed, tmp / "killed_one")
+    # what rank 0 leaves when the launcher stops it while it writes a checkpoint: resuming drops it
+    (killed / ".checkpoint_stage1.99999-0123abcd.tmp.pt").write_bytes(b"PK\x03\x04 half a checkpoint")
     result = _run("-m", "meunet", "train", path, "--resume", "--nproc", 2)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"model directory: {killed}"]  # rank 0 alone speaks
+    assert not list(killed.glob(".*.tmp.pt"))
     assert _differences(runs["batch_two"], killed).max() < 1e-6
     # the checkpoint holds the state of the global batch: one process may continue it
     train(parse_config(_config(dataset, tmp / "killed_one"), "cfg"), resume=True)
