@@ -38,11 +38,11 @@ for path in sys.argv[1:]:
 dist.destroy_process_group()
 """
 
-# Run by torchrun: meunet train, in which process 1 is killed (SIGKILL) right after the second validation.
+# Imported at start-up by every process of `meunet train --nproc 2` (a sitecustomize on PYTHONPATH):
+# process 1 is killed (SIGKILL) right after the second validation.
 DYING = """
-import os, signal, sys
+import os, signal
 from meunet import ddp
-from meunet.cli import app
 
 on_main, validations = ddp.on_main, []
 
@@ -55,7 +55,6 @@ def dying(step):
     return result
 
 ddp.on_main = dying
-app(["train", *sys.argv[1:]], prog_name="meunet")
 """
 
 
@@ -94,9 +93,11 @@ def _yaml(config: dict, path: Path) -> Path:
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", 2)
 
 
-def _run(*args, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python ARGS`` in a fresh process with this meunet, one thread per process (two cores here)."""
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+def _run(*args, path: tuple[Path, ...] = (), timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a fresh process with this meunet (and ``path`` first on ``PYTHONPATH``), one
+    thread per process (two cores here)."""
+    pythonpath = os.pathsep.join(map(str, (*path, SRC)))
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -197,16 +198,24 @@ def test_a_killed_process_resumes_exactly_on_two_processes_or_on_one(runs, datas
     tmp = runs[""]
     killed = tmp / "killed"
     path = _yaml(_config(dataset, killed), tmp / "killed.yaml")
-    (tmp / "dying.py").write_text(DYING)
-    result = _run(*TORCHRUN, tmp / "dying.py", path)
-    assert result.returncode != 0
-    assert "rank      : 1" in result.stderr and "SIGKILL" in result.stderr  # torchrun names the process
+    (tmp / "hook").mkdir()
+    (tmp / "hook" / "sitecustomize.py").write_text(DYING)
+    result = _run("-m", "meunet", "train", path, "--nproc", 2, path=(tmp / "hook",))
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1:] == [
+        "error: process 1: stopped (signal SIGKILL), and the others with it; the last checkpoint is kept: "
+        "--resume continues"
+    ]
+    assert "Traceback" not in result.stderr
     stopped = _checkpoint(killed)["progress"]["iteration"]
     assert stopped in (2, 4)  # the second validation's checkpoint, unless torchrun stopped rank 0 first
     shutil.copytree(killed, tmp / "killed_one")
+    # what rank 0 leaves when the launcher stops it while it writes a checkpoint: resuming drops it
+    (killed / ".checkpoint_stage1.99999-0123abcd.tmp.pt").write_bytes(b"PK\x03\x04 half a checkpoint")
     result = _run("-m", "meunet", "train", path, "--resume", "--nproc", 2)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"model directory: {killed}"]  # rank 0 alone speaks
+    assert not list(killed.glob(".*.tmp.pt"))
     assert _differences(runs["batch_two"], killed).max() < 1e-6
     # the checkpoint holds the state of the global batch: one process may continue it
     train(parse_config(_config(dataset, tmp / "killed_one"), "cfg"), resume=True)

@@ -377,6 +377,8 @@ def train_command(
     except RuntimeError as exc:
         if not ddp.lost_process(exc):
             raise
+        if ddp.under_launcher():  # --nproc names the process that stopped
+            raise typer.Exit(ddp.LOST) from None
         raise InputError(
             "torchrun",
             "another process of this run stopped (torchrun names it); the last checkpoint is kept: "

@@ -9,7 +9,8 @@ joins the process group in :func:`session`: NCCL on GPUs (process ``LOCAL_RANK``
 Rank 0 alone reads and checks the data, plans, validates, logs and writes files; :func:`on_main` runs such a
 step there and hands its result (or its error) to every rank. Training steps run on every rank, each on its
 rows of the global batch (:func:`share`), with the losses' sums added over the ranks (:func:`sum_over_ranks`)
-and batch norm over the global batch (:class:`SyncBatchNorm3d`).
+and batch norm over the global batch (:class:`SyncBatchNorm3d`). ``meunet train --nproc N`` starts the N
+processes of one machine itself (:func:`launch`), as ``torchrun --standalone`` does.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ from meunet.models.unet import BatchNorm3d, recomputing
 
 T = TypeVar("T")
 
-# Rank 0 validates, predicts the caches it owns and chooses the post-processing while the others wait in a
-# collective: longer than torch's default (10 to 30 minutes) so that paper-scale validation fits. A rank that
-# dies does not make the others wait this long: torchrun stops them.
+# Rank 0 validates and chooses the post-processing while the others wait in a collective: longer than
+# torch's default (10 to 30 minutes) so that paper-scale validation fits. A rank that dies does not make the
+# others wait this long: torchrun (or meunet train --nproc) stops them.
 TIMEOUT = datetime.timedelta(hours=3)
 
 _joined = False  # this process joined a process group (its errors are then reported by rank 0)
+
+LAUNCHER = "MEUNET_LAUNCHER"  # set for the processes that meunet train --nproc starts (see launch)
+LOST = 3  # their exit status when another process stopped: the launcher names that one
 
 
 def _env(name: str, default: int) -> int:
@@ -146,10 +150,13 @@ def launch(processes: int, args: list[str]) -> None:
     one fails the agent stops the others.
 
     Raises:
-        Elsewhere: the first process to fail exited with status 2, having printed its one line.
-        InputError: it failed otherwise (killed, crashed): names it and how.
+        Elsewhere: a process exited with status 2, having printed its one line (or kept silent while
+            rank 0 printed it).
+        InputError: a process failed otherwise (killed, crashed): names the first, and how; processes that
+            only lost it (status :data:`LOST`) or that the agent then stopped (SIGTERM) come last.
     """
     import logging
+    import signal
     import sys
     import uuid
 
@@ -167,12 +174,14 @@ def launch(processes: int, args: list[str]) -> None:
     )
     elastic = logging.getLogger("torch.distributed.elastic")
     level, elastic.level = elastic.level, logging.CRITICAL  # its report of a failure is the line below
+    before, os.environ[LAUNCHER] = os.environ.get(LAUNCHER), "1"
     try:
         elastic_launch(config, sys.executable)(*args)
     except ChildFailedError as exc:
-        first, failure = exc.get_first_failure()
-        if failure.exitcode == 2:
-            raise Elsewhere(f"process {first} reported an error") from None
+        failures = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
+        if any(f.exitcode == 2 for _, f in failures):
+            raise Elsewhere("a process reported an error") from None
+        first, failure = min(failures, key=lambda item: item[1].exitcode in (LOST, -signal.SIGTERM))
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit status {failure.exitcode}"
         raise InputError(
             f"process {first}",
@@ -180,6 +189,10 @@ def launch(processes: int, args: list[str]) -> None:
         ) from None
     finally:
         elastic.setLevel(level)
+        if before is None:
+            del os.environ[LAUNCHER]
+        else:
+            os.environ[LAUNCHER] = before
 
 
 @contextlib.contextmanager
@@ -199,6 +212,11 @@ def session(device: torch.device) -> Iterator[None]:
     finally:
         with contextlib.suppress(Exception):  # after a lost process, leaving may fail too
             dist.destroy_process_group()
+
+
+def under_launcher() -> bool:
+    """Started by :func:`launch` (``meunet train --nproc``), which names a failed process itself."""
+    return os.environ.get(LAUNCHER) == "1"
 
 
 def lost_process(exc: BaseException) -> bool:

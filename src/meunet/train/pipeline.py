@@ -485,7 +485,10 @@ def _prepare(config: TrainConfig, resume: bool, force: bool, started: float, dev
     _check_output(out, stages, resume, force)
     if resume:  # a broken or foreign checkpoint is one line before any work
         for checkpoint in sorted(out.glob("*checkpoint*.pt")):
-            load_checkpoint(checkpoint)
+            if checkpoint.name.startswith("."):  # the temporary of a process killed while writing it: its
+                checkpoint.unlink()  # writer held this output's lock, which is ours now
+            else:
+                load_checkpoint(checkpoint)
     split = resolve_split(config)
     config, plan = _plan(config, split, device, started)
     stages = {"1": [1], "2": [2], "both": [1, 2]}[config.stages]  # the plan may train stage 1 alone
