@@ -94,19 +94,39 @@ CPU = DeviceInfo("cpu", "cpu", 8 * GIB, 2, False, present=False)
 
 
 @pytest.mark.parametrize(
-    ("shares", "fixed", "norm"),
+    ("shares", "threshold", "fixed", "norm"),
     [
-        ({32: 0.78, 48: 0.52, 64: 0.44}, {}, "batch"),  # the re-acquired fly: 97 % air
-        ({32: 0.3, 48: 0.06, 64: 0.0}, {}, "instance"),  # a synthetic fly (its body fills the windows)
-        ({}, {}, "instance"),  # nothing measured
-        ({48: 0.52}, {"model.norm": "instance"}, "instance"),  # the user's choice
-        ({48: 0.52}, {"training.batch_size": 1}, "instance"),  # batch statistics of one sample
+        ({32: 0.78, 48: 0.52, 64: 0.44}, 0.0, {}, "batch"),  # the re-acquired fly: 97 % air
+        ({32: 0.3, 48: 0.06, 64: 0.0}, 0.15, {}, "instance"),  # a synthetic fly (its body fills the windows)
+        ({48: 0.0}, 0.99, {}, "batch"),  # bone: a threshold separates its phases
+        ({}, 0.0, {}, "instance"),  # nothing measured
+        ({48: 0.52}, 0.9, {"model.norm": "instance"}, "instance"),  # the user's choice
+        ({48: 0.52}, 0.9, {"training.batch_size": 1}, "instance"),  # batch statistics of one sample
     ],
 )
-def test_the_norm_follows_the_share_of_flat_context_windows(shares, fixed, norm):
-    plan = plan_run(replace(FLY_DATA, flat_shares=shares), CPU, fixed)
+def test_the_norm_follows_flat_windows_and_how_well_a_threshold_separates_the_classes(
+    shares, threshold, fixed, norm
+):
+    plan = plan_run(replace(FLY_DATA, flat_shares=shares, threshold_dice=threshold), CPU, fixed)
     assert plan.window == 48 and plan.value("model.norm") == norm
     assert ("model.norm" in plan.planned) == ("model.norm" not in fixed)
+
+
+def test_the_fingerprint_measures_whether_a_threshold_separates_the_classes(tmp_path):
+    """A bright ball in noise is separable; two balls of the same brightness, one labelled, are not."""
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:64, :64, :64]
+    ball = ((z - 32) ** 2 + (y - 20) ** 2 + (x - 32) ** 2 < 12**2).astype(np.uint8)
+    twin = ((z - 32) ** 2 + (y - 46) ** 2 + (x - 32) ** 2 < 12**2).astype(np.uint8)
+    separable = (50 + 100 * ball + rng.normal(0, 15, ball.shape)).astype(np.float32)
+    alike = (50 + 100 * (ball | twin) + rng.normal(0, 15, ball.shape)).astype(np.float32)
+    dice = []
+    for name, image in (("separable", separable), ("alike", alike)):
+        write_volume(tmp_path / f"{name}.npy", Volume(image))
+        write_volume(tmp_path / f"{name}_lab.npy", Volume(ball))
+        pair = VolumePair(image=tmp_path / f"{name}.npy", label=tmp_path / f"{name}_lab.npy")
+        dice.append(fingerprint([pair], [], ["background", "ball"]).threshold_dice)
+    assert dice[0] > 0.95 and dice[1] < 0.7  # the twin doubles the thresholded voxels: Dice 2/3
 
 
 def test_the_fingerprint_measures_flat_windows_of_the_training_images(tmp_path):
