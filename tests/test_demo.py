@@ -37,7 +37,8 @@ def test_quick_demo_prints_dice_per_class_and_the_report(quick_demo):
     assert math.isclose(
         summary["mean_foreground_dice"], (summary["dice"]["gut"] + summary["dice"]["crop"]) / 2
     )
-    assert summary["dice"]["gut"] > 0.5  # even the quick run learns the gut (0.71 on the development machine)
+    # 60 steps check the pipeline, not the learning: tests/test_train_fly.py trains this network and data
+    # for 150 steps and checks that it learns the gut (Dice > 0.5)
     assert f"report: {out / 'report.html'}" in stdout
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert [c["dice"] for c in evaluation["classes"]] == list(summary["dice"].values())

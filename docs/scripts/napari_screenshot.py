@@ -5,7 +5,8 @@ Run under a virtual display (napari's canvas needs OpenGL, which Qt's offscreen 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/scripts/napari_screenshot.py \\
         [--model MODEL_DIR] docs/images/napari.png
 
-Without ``--model`` it first trains the quick demo model (``meunet demo --quick``, about 2 minutes) in a
+Without ``--model`` it first trains the quick demo model (``meunet demo --quick``, about 3 minutes, too few
+steps to learn the fly: give ``--model demo_out/model`` after ``make demo`` for a useful picture) in a
 temporary folder. The fly is a new synthetic scan (seed 7), not one of the demo's training volumes.
 """
 

@@ -67,7 +67,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings((192, 96, 96), 6, (8, 16, 32, 64, 64), 32, 2, 9e-4, (1500, 400), 5)
-QUICK = DemoSettings((128, 64, 64), 5, (8, 16, 32, 32, 32), 32, 4, 2e-3, (150, 50), 1)
+QUICK = DemoSettings((128, 64, 64), 5, (8, 16, 32, 32, 32), 32, 4, 2e-3, (60, 20), 1)
 
 
 def train_mapping(out: Path, dataset: Path, settings: DemoSettings, progress: bool, seed: int = 0) -> dict:
@@ -150,7 +150,8 @@ def run_demo(
 
     Args:
         out: output folder (created); see the module docstring for its content.
-        quick: the small settings :data:`QUICK` (about 2 minutes) instead of :data:`FULL`.
+        quick: the small settings :data:`QUICK` (every step in about 3 minutes, too few to learn) instead of
+            :data:`FULL`.
         force: replace the outputs of an earlier demo in ``out``; without it a non-empty ``out`` is refused.
         progress: show progress bars.
 
