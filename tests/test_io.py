@@ -408,3 +408,26 @@ def test_open_volume_refuses_spacing_that_is_not_finite_float32(tmp_path, bad):
     np.save(tmp_path / "a.npy", np.zeros((2, 2, 2), np.uint8))
     with pytest.raises(InputError, match="positive finite values"):
         open_volume(tmp_path / "a.npy", (1.0, bad, 1.0))
+
+
+@pytest.mark.parametrize("name", ["c.npy", "c.nii.gz", "c.tif", "c.zarr"])
+def test_complex_voxels_are_refused_in_one_line(tmp_path, name):
+    import nibabel as nib
+    import tifffile
+    import zarr
+
+    array, path = np.zeros((8, 8, 8), np.complex64), tmp_path / name
+    if name.endswith(".npy"):
+        np.save(path, array)
+    elif name.endswith(".nii.gz"):
+        nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    elif name.endswith(".tif"):
+        tifffile.imwrite(path, array)
+    else:
+        zarr.save_array(str(path), array)
+    with pytest.raises(InputError) as info:
+        open_volume(path)
+    assert (
+        str(info.value)
+        == f"{path}: unsupported voxel type complex64: meunet reads bool, integer or float voxels"
+    )

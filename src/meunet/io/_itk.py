@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from meunet.errors import InputError
-from meunet.io._volume import LazyArray, Volume, geometry_from_itk, geometry_to_itk
+from meunet.io._volume import LazyArray, Volume, geometry_from_itk, geometry_to_itk, require_volume
 from meunet.io._writer import VolumeWriter, holds_all_but_float16
 
 
@@ -22,7 +22,9 @@ def _volume_from_image(path: Path, image: sitk.Image) -> Volume:
     if dims != 3:
         raise InputError(path, f"not a 3D volume: the image has {dims} dimensions, size {image.GetSize()}")
     geometry = geometry_from_itk(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    return Volume(sitk.GetArrayFromImage(image), **geometry)
+    array = sitk.GetArrayFromImage(image)
+    require_volume(path, array.shape, array.dtype)
+    return Volume(array, **geometry)
 
 
 def open_metaimage(path: Path) -> Volume:
@@ -59,6 +61,7 @@ def open_metaimage(path: Path) -> Volume:
         return extract(lo, int(picked.max()) + 1)[picked - lo][:, yk, xk]
 
     dtype = extract(0, 1).dtype
+    require_volume(path, size[::-1], dtype)
     geometry = geometry_from_itk(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
     return Volume(LazyArray(path, size[::-1], dtype, read), **geometry)
 

@@ -20,7 +20,7 @@ from meunet.io._volume import (
     Volume,
     affine_from_geometry,
     geometry_from_affine,
-    require_3d,
+    require_volume,
 )
 from meunet.io._writer import RawWriter, holds_all_but_float16
 
@@ -44,7 +44,7 @@ def open_nifti(path: Path) -> Volume:
         raise InputError(path, "not a NIfTI-1 or NIfTI-2 image")
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    require_3d(path, shape)
+    require_volume(path, shape, img.get_data_dtype())
     proxy = img.dataobj
     extra = (0,) * (len(img.shape) - 3)
     scaled = not (np.isnan(proxy.slope) or proxy.slope == 1) or not (

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from meunet.errors import InputError
-from meunet.io._volume import LazyArray, Volume, raw_reader, require_3d
+from meunet.io._volume import LazyArray, Volume, raw_reader, require_volume
 from meunet.io._writer import RawWriter
 
 
@@ -17,9 +17,7 @@ def open_npy(path: Path) -> Volume:
         mm = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise InputError(path, f"not a readable .npy file ({exc})") from exc
-    require_3d(path, mm.shape)
-    if mm.dtype.hasobject or mm.dtype.fields is not None:
-        raise InputError(path, f"unsupported .npy dtype {mm.dtype}")
+    require_volume(path, mm.shape, mm.dtype)
     if mm.dtype.byteorder not in "=|" or not mm.flags.c_contiguous:  # big-endian or Fortran order: memmap
         return Volume(LazyArray(path, mm.shape, mm.dtype.newbyteorder("="), lambda key: np.array(mm[key])))
     return Volume(LazyArray(path, mm.shape, mm.dtype, raw_reader(path, mm.offset, mm.shape, mm.dtype)))

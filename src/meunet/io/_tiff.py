@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 
 from meunet.errors import InputError
-from meunet.io._volume import MM_PER_UNIT, LazyArray, Volume, raw_reader, require_3d
+from meunet.io._volume import MM_PER_UNIT, LazyArray, Volume, raw_reader, require_volume
 from meunet.io._writer import RawWriter, VolumeWriter, holds_all_but_float16
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -85,7 +85,7 @@ def open_tiff(path: Path) -> Volume:
         shape, dtype = series.shape, series.dtype
         spacing = _spacing_mm(tif)
         _check_complete(path, tif, shape)
-        require_3d(path, shape)
+        require_volume(path, shape, dtype)
     except Exception as exc:
         tif.close()
         if isinstance(exc, InputError):

@@ -230,9 +230,13 @@ def affine_from_geometry(volume: Volume) -> np.ndarray:
     return affine
 
 
-def require_3d(path, shape) -> None:
-    """Raise :class:`InputError` unless ``shape`` is 3D."""
+def require_volume(path, shape, dtype) -> None:
+    """Raise :class:`InputError` unless ``shape`` is 3D and ``dtype`` holds real numbers (bool, integers or
+    floats: not complex, text, dates, records or objects)."""
     if len(shape) != 3:
         raise InputError(
             path, f"not a 3D volume: the array has {len(shape)} dimensions, shape {tuple(shape)}"
         )
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise InputError(path, f"unsupported voxel type {dtype}: meunet reads bool, integer or float voxels")

@@ -14,7 +14,7 @@ import numpy as np
 import zarr
 
 from meunet.errors import InputError
-from meunet.io._volume import MM_PER_UNIT, LazyArray, Volume, require_3d
+from meunet.io._volume import MM_PER_UNIT, LazyArray, Volume, require_volume
 from meunet.io._writer import VolumeWriter
 
 DEFAULT_CHUNKS = (64, 128, 128)  # 1 MiB of uint8: few enough chunks for fast writes, small for viewers
@@ -70,7 +70,7 @@ def open_zarr(path: Path) -> Volume:
         lead = (0,) * (array.ndim - 3)
         inner = array
         array = LazyArray(path, inner.shape[-3:], inner.dtype, lambda key: inner[lead + key])
-    require_3d(path, array.shape)
+    require_volume(path, array.shape, array.dtype)
     return Volume(array, spacing=tuple(spacing), origin=tuple(origin), direction=direction)
 
 
