@@ -27,6 +27,7 @@ from meunet.train.plan import (
     fingerprint,
     peak_bytes,
     plan_run,
+    threshold_dice,
 )
 
 GIB = 2**30
@@ -127,6 +128,7 @@ def test_the_fingerprint_measures_whether_a_threshold_separates_the_classes(tmp_
         pair = VolumePair(image=tmp_path / f"{name}.npy", label=tmp_path / f"{name}_lab.npy")
         dice.append(fingerprint([pair], [], ["background", "ball"]).threshold_dice)
     assert dice[0] > 0.95 and dice[1] < 0.7  # the twin doubles the thresholded voxels: Dice 2/3
+    assert threshold_dice(np.full(ball.shape, 7.0), ball, 2) == 0.0  # one grey value: nothing to threshold
 
 
 def test_the_fingerprint_measures_flat_windows_of_the_training_images(tmp_path):

@@ -432,3 +432,16 @@ def test_out_of_fold_falls_back_to_in_fold_output_when_a_fold_has_no_patch(volum
     assert "leaves no training patch outside the region it holds out" in capfd.readouterr().err
     assert "out_of_fold" not in json.loads((out / "model.json").read_text())
     assert (out / "stage1_cache" / "train_0.json").exists()  # the final stage 1's output, keyed as ever
+
+
+def test_training_images_of_one_value_are_one_line_and_nothing_is_written(volumes, tmp_path):
+    write_volume(tmp_path / "flat.npy", Volume(np.full((32, 32, 32), 7, np.uint8)))
+    config = _config(volumes, tmp_path / "out")
+    config["data"]["train"] = [{"image": str(tmp_path / "flat.npy"), "label": str(volumes / "lab0.npy")}]
+    with pytest.raises(InputError) as info:
+        train(parse_config(config, "cfg"))
+    assert (
+        str(info.value)
+        == f"{tmp_path / 'flat.npy'}: 99 % of the training voxels are 7: there is nothing to learn from"
+    )
+    assert not (tmp_path / "out").exists()

@@ -107,7 +107,8 @@ def prepare_data(config: TrainConfig, split: Split) -> TrainingData:
 
     Raises:
         InputError: a missing or unreadable volume, label shape differing from its image, label values
-            outside the classes, NaN or infinite intensities, or no training patch kept.
+            outside the classes, NaN or infinite intensities, training images of one grey value, or no
+            training patch kept.
     """
     n_classes, patch = len(split.classes), config.patch
     train = [check_pair(p) for p in split.train]
@@ -131,4 +132,9 @@ def prepare_data(config: TrainConfig, split: Split) -> TrainingData:
     ]
     for (image, _), pair in zip(validation, split.validation, strict=True):
         scan_image(image.array, pair.image, 1)
-    return TrainingData(split, index, Normalization.fit(samples), train[0][0].spacing)
+    normalization = Normalization.fit(samples)
+    if normalization.clip_low == normalization.clip_high:
+        where = split.train[0].image if len(train) == 1 else "data.train"
+        value = f"{normalization.mean:g}"
+        raise InputError(where, f"99 % of the training voxels are {value}: there is nothing to learn from")
+    return TrainingData(split, index, normalization, train[0][0].spacing)
