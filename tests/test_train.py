@@ -445,3 +445,12 @@ def test_training_images_of_one_value_are_one_line_and_nothing_is_written(volume
         == f"{tmp_path / 'flat.npy'}: 99 % of the training voxels are 7: there is nothing to learn from"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_class_no_training_patch_holds_is_said_before_training(volumes, tmp_path, capfd):
+    write_volume(tmp_path / "empty.npy", Volume(np.zeros((32, 32, 32), np.uint8)))
+    config = _config(volumes, tmp_path / "out", **{"training.max_iterations": 1})
+    config["data"]["train"] = [{"image": str(volumes / "img0.npy"), "label": str(tmp_path / "empty.npy")}]
+    train(parse_config(config, "cfg"))
+    lines = capfd.readouterr().err.splitlines()
+    assert "meunet train: no training patch holds ball, core: the model cannot learn to label them" in lines

@@ -493,6 +493,10 @@ def _prepare(config: TrainConfig, resume: bool, force: bool, started: float, dev
     config, plan = _plan(config, split, device, started)
     stages = {"1": [1], "2": [2], "both": [1, 2]}[config.stages]  # the plan may train stage 1 alone
     data = prepare_data(config, split)
+    absent = [name for name, n in zip(split.classes, data.index.class_counts, strict=True) if n == 0]
+    if absent:
+        them = "it" if len(absent) == 1 else "them"
+        _say(f"no training patch holds {', '.join(absent)}: the model cannot learn to label {them}")
     if plan is not None:  # after the data checks: a bad volume is one line
         print(format_plan(plan), file=sys.stderr)
         if ddp.world_size() > 1 and "training.batch_size" in plan.planned:
