@@ -185,7 +185,7 @@ def threshold_dice(image: np.ndarray, labels: np.ndarray, n_classes: int) -> flo
     )
     image, labels = np.asarray(image[block], np.float32), np.asarray(labels[block])
     present = [c for c in range(1, n_classes) if (labels == c).any()]
-    if not present:
+    if not present or labels.min() < 0 or labels.max() >= n_classes:  # refused later by the data checks
         return 0.0
     try:
         predicted = ThresholdBaseline.fit(image, labels, n_classes).predict(image)
