@@ -83,3 +83,11 @@ def test_cli_evaluate_bad_input(cli, tmp_path):
     assert (
         result.exit_code == 2 and str(tmp_path / "truth.npy") in result.stderr and "[0, 2)" in result.stderr
     )
+    scan = np.random.default_rng(0).integers(0, 200, truth.shape).astype(np.uint8)  # the image, not labels
+    np.save(tmp_path / "scan.npy", scan)
+    result = cli("evaluate", tmp_path / "scan.npy", tmp_path / "truth.npy", "--json", tmp_path / "s.json")
+    assert result.exit_code == 2 and result.stderr.splitlines() == [
+        f"error: {tmp_path / 'scan.npy'}: label value {scan.max()} is above the truth's largest "
+        f"({truth.max()}): is it a label map? (--class-names gives the classes where the truth lacks some)"
+    ]
+    assert not (tmp_path / "s.json").exists()
