@@ -13,7 +13,7 @@ from meunet.metrics import evaluate
 from meunet.models import context_side, stage1_fill
 from meunet.synth import generate_dataset
 from meunet.train import train
-from meunet.train.plan import flat_shares
+from meunet.train.plan import flat_shares, threshold_dice
 from test_infer_predict import _image, _model_dir
 from test_infer_window import _one_torch_thread  # noqa: F401 (autouse fixture: one torch thread here too)
 
@@ -32,6 +32,7 @@ EXAMPLES = [
     check_outputs,
     sample_stride,
     flat_shares,
+    threshold_dice,
     meunet.precision,
 ]
 

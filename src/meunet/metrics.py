@@ -260,12 +260,12 @@ def evaluate(
         name = str(exc).split(" ")[0]
         raise InputError(volumes[name][0] if name in volumes else pred, str(exc)) from None
     confusion = np.asarray(result["confusion"])
-    predicted, true = (np.flatnonzero(confusion.sum(axis)) for axis in (0, 1))
-    if class_names is None and len(predicted) and predicted.max() > (true.max() if len(true) else 0):
+    predicted, true = (np.flatnonzero(confusion.sum(axis)).max(initial=0) for axis in (0, 1))
+    if class_names is None and predicted > true:
         raise InputError(
             pred,
-            f"label value {predicted.max()} is above the truth's largest ({true.max() if len(true) else 0}): "
-            "is it a label map? (--class-names gives the classes where the truth lacks some)",
+            f"label value {predicted} is above the truth's largest ({true}): is it a label map? "
+            "(--class-names gives the classes where the truth lacks some)",
         )
     for entry in result["classes"]:
         c = entry["label"]
