@@ -83,6 +83,33 @@ def test_keys_the_user_sets_are_never_changed():
     assert "fold 1" in plan.stages and "stage 2" in plan.stages
 
 
+def test_a_plain_unet_stage_1_is_planned_as_the_network_it_trains():
+    """``model.stage1: unet`` trains a U-net on the local patch: no context, fewer activations, so a time
+    budget fills with more of its steps than of the meU-net's (the benchmarks' baselines rely on it)."""
+    from meunet.memory import count_saved_bytes
+    from meunet.models import UNet3D
+    from meunet.train.loss import wd_loss
+    from meunet.train.plan import _counted
+
+    meunet = Spec((4, 8, 8, 8, 8), "instance", False, 32, 1.5, 2, "fp32", 3)
+    unet = replace(meunet, stage1="unet")
+    assert peak_bytes(1, unet) < peak_bytes(1, meunet)
+    with torch.device("meta"):
+        net = UNet3D(1, 3, widths=unet.widths, norm="instance", checkpointing=False)
+        image, labels = torch.randn(2, 1, 32, 32, 32), torch.randint(0, 3, (2, 32, 32, 32))
+        weights = torch.full((3,), 1 / 3)
+    counted = count_saved_bytes(lambda: wd_loss(net(image), labels, weights), [*net.parameters()])[1]
+    assert _counted(1, unet)[0] == counted
+    cpu = DeviceInfo("cpu", "cpu", 8 * GIB, 2, False, present=False)
+    steps = {
+        arch: plan_run(FLY_DATA, cpu, {"model.stage1": arch, "stages": "1"}, budget=600).value(
+            "training.max_iterations"
+        )
+        for arch in ("meunet", "unet")
+    }
+    assert steps["unet"] > steps["meunet"]
+
+
 def test_too_little_memory_or_time_says_what_the_smallest_plan_needs():
     with pytest.raises(InputError, match=r"too small for any network: the smallest plan .* needs \d"):
         plan_run(PAPER_DATA, _gpu(0.01), {})

@@ -300,6 +300,7 @@ class Spec:
     precision: str
     n_classes: int
     fusion: str = "post"
+    stage1: str = "meunet"
 
     @property
     def context(self) -> int:
@@ -319,7 +320,13 @@ def _training_step(stage: int, spec: Spec, device: str):
     with torch.device(device):
         image = torch.randn(b, 1, p, p, p, dtype=dtype)
         labels = torch.randint(0, n, (b, p, p, p))
-        if stage == 1:
+        if stage == 1 and spec.stage1 == "unet":  # a plain U-net on the local patch
+            net = UNet3D(1, n, **kwargs)
+
+            def loss():
+                return wd_loss(net(image), labels, weights)
+
+        elif stage == 1:
             net = MeUNet(1, n, **kwargs)
             context = torch.randn(b, 1, c, c, c, dtype=dtype)
             half = torch.randint(0, n, (b, c // 2, c // 2, c // 2))
@@ -354,7 +361,8 @@ def peak_bytes(stage: int, spec: Spec) -> int:
     activations, trainable, params = _counted(stage, spec)
     element = 4 if spec.precision == "fp32" else 2
     top = spec.batch * spec.patch**3 * spec.widths[0] * element
-    inputs = spec.batch * 4 * (spec.patch**3 * (2 + spec.n_classes) + (spec.context**3 if stage == 1 else 0))
+    context = spec.context**3 if stage == 1 and spec.stage1 == "meunet" else 0
+    inputs = spec.batch * 4 * (spec.patch**3 * (2 + spec.n_classes) + context)
     transient = RECOMPUTE_TENSORS if spec.checkpointing else PLAIN_TENSORS
     return activations + transient * top + 16 * trainable + 4 * params + inputs
 
@@ -519,6 +527,7 @@ def choose_sizes(data: Fingerprint, device: DeviceInfo, fixed: dict[str, Any]) -
         precision=precision,
         n_classes=len(data.class_fractions),
         fusion=fixed.get("model.fusion", "post"),
+        stage1=fixed.get("model.stage1", "meunet"),
     )
 
     def peaks_of(side: int, batch: int) -> dict[str, int]:
