@@ -32,9 +32,11 @@ of the numbers, and ``benchmarks/results/real_vs_threshold.md``, the section of
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -48,7 +50,7 @@ import torch
 
 from meunet.infer import predict
 from meunet.io import Volume, open_volume, read_volume, write_volume
-from meunet.memory import StepSetting, measure_memory
+from meunet.memory import StepSetting, measure_memory, measure_step
 from meunet.metrics import dice_from_confusion, evaluate_labels, iou_from_confusion
 from meunet.models import context_side
 from meunet.report import Table, markdown_report, memory_table
@@ -101,6 +103,11 @@ class Budget:
         checkpointing: activation checkpointing of every conv stage.
         shape: (z, y, x) of the synthetic volumes.
         volumes: synthetic (train, validation, test) volume counts.
+        activation_mib: with ``minutes``, the equal-memory comparison: each configuration gets the largest
+            local patch whose training step keeps at most this many MiB of activations (counted on ``meta``,
+            every stage of a cascade), and ``patch`` and ``iterations`` are not used.
+        minutes: wall time of each configuration's whole training command (both stages and the out-of-fold
+            folds of a cascade included), as ``training.time_budget``.
     """
 
     widths: tuple[int, ...] = (8, 16, 32, 64, 64)
@@ -111,6 +118,8 @@ class Budget:
     checkpointing: bool = False
     shape: tuple[int, int, int] = (192, 96, 96)
     volumes: tuple[int, int, int] = (4, 1, 2)
+    activation_mib: float | None = None
+    minutes: float | None = None
 
     @property
     def context(self) -> int:
@@ -130,6 +139,39 @@ class Split:
     train: list[dict[str, str]]
     validation: list[dict[str, str]]
     test: list[dict[str, str]]
+
+
+SIDES = range(16, 257, 8)  # local sides tried at equal memory (the U-nets pad to multiples of 16 inside)
+
+
+def equal_memory_sides(budget: Budget, precision: str, largest: int) -> dict[str, dict]:
+    """Per configuration: the largest local side of :data:`SIDES` whose training step keeps at most
+    ``budget.activation_mib`` MiB of activations (a cascade: its stage 1 and its stage 2 both), counted on
+    ``meta`` as ``meunet bench memory`` does, and whose field of view (the context side, but for
+    ``unet-local``) is at most ``largest`` (the smallest side of a training volume), with those bytes:
+    ``{config: {"patch", "activation_bytes"}}``. ``unet-fov`` trains on the context side of its side."""
+    limit = budget.activation_mib * 2**20
+    stages = {c: [bench_name(c, budget.checkpointing)] for c in CONFIGS}
+    for cascade in ("cascade-pre", "cascade-post"):
+        stages[cascade].insert(0, BENCH_NAMES["meunet"])
+
+    def activations(config: str, side: int) -> int:
+        setting = StepSetting(side, 1.5, budget.batch, budget.widths, precision, "meta")
+        return max(measure_step(name, setting)["activation_bytes"] for name in stages[config])
+
+    sides = {}
+    for config in CONFIGS:
+        fits = []
+        for side in SIDES:  # activations grow with the side
+            view = side if config == "unet-local" else context_side(side)
+            saved = activations(config, side) if view <= largest else limit + 1
+            if saved > limit:
+                break
+            fits.append({"patch": side, "activation_bytes": saved})
+        if not fits:
+            raise SystemExit(f"--budget-mib {budget.activation_mib}: no local side of {config} fits")
+        sides[config] = fits[-1]
+    return sides
 
 
 def synthetic_split(work: Path, budget: Budget) -> Split:
@@ -178,45 +220,74 @@ def _train(mapping: dict, stage: int, budget: Budget) -> float:
     return time.perf_counter() - start
 
 
-def train_configurations(
-    split: Split, budget: Budget, seed: int, work: Path, device: str, precision: str
-) -> dict[str, tuple[Path, float]]:
-    """Train the five configurations into ``work/<config>``; returns {config: (model dir, training seconds)}.
-
-    The cascades start from copies of the ``meunet`` model directory (same stage 1), and share one cache of
-    stage-1 probabilities.
-    """
-    model = {"classes": split.classes, "widths": list(budget.widths), "checkpointing": budget.checkpointing}
-    base = {
+def _mapping(split: Split, budget: Budget, config: str, seed: int, out: Path, device: str, precision: str):
+    """The training configuration shared by both comparisons: ``config``'s network (the U-nets checkpoint
+    as ``budget`` says, the meU-net and the cascades always, as :func:`bench_name` measures them)."""
+    model = {
+        "classes": split.classes,
+        "widths": list(budget.widths),
+        "checkpointing": budget.checkpointing if config.startswith("unet") else True,
+        "stage1": "unet" if config.startswith("unet") else "meunet",
+    }
+    if config.startswith("cascade"):
+        model["fusion"] = config.removeprefix("cascade-")
+    return {
+        "output": str(out),
         "seed": seed,
         "device": device,
         "precision": precision,
         "data": {"train": split.train, "validation": split.validation},
+        "model": model,
         "training": {"batch_size": budget.batch, "progress": False},
     }
+
+
+def train_configurations(
+    split: Split, budget: Budget, seed: int, work: Path, device: str, precision: str
+) -> dict[str, tuple[Path, float]]:
+    """Train the five configurations into ``work/<config>`` for ``budget.iterations`` steps per stage;
+    returns {config: (model dir, training seconds)}.
+
+    The cascades start from copies of the ``meunet`` model directory (same stage 1), and share one cache of
+    stage-1 probabilities.
+    """
     runs = {}
-    for name, stage1, patch in (
-        ("unet-local", "unet", budget.patch),
-        ("unet-fov", "unet", budget.context),
-        ("meunet", "meunet", budget.patch),
-    ):
+    for name in CONFIGS[:3]:
+        mapping = _mapping(split, budget, name, seed, work / name, device, precision)
+        mapping["patch"] = {"size": budget.context if name == "unet-fov" else budget.patch}
+        runs[name] = (work / name, _train(mapping, 1, budget))
+    for name in CONFIGS[3:]:
         out = work / name
-        mapping = {**base, "output": str(out), "model": {**model, "stage1": stage1}, "patch": {"size": patch}}
-        runs[name] = (out, _train(mapping, 1, budget))
-    for fusion in ("pre", "post"):
-        out = work / f"cascade-{fusion}"
         out.mkdir(parents=True, exist_ok=True)
         for file in ("model.json", "stage1.pt", "train_log.csv"):
             shutil.copy2(work / "meunet" / file, out / file)
-        if (work / "cascade-pre" / "stage1_cache").is_dir() and fusion == "post":
+        if (work / "cascade-pre" / "stage1_cache").is_dir() and name == "cascade-post":
             shutil.copytree(work / "cascade-pre" / "stage1_cache", out / "stage1_cache")
         mapping = {
-            **base,
-            "output": str(out),
-            "model": {**model, "fusion": fusion},
+            **_mapping(split, budget, name, seed, out, device, precision),
             "patch": {"size": budget.patch},
         }
-        runs[f"cascade-{fusion}"] = (out, runs["meunet"][1] + _train(mapping, 2, budget))
+        runs[name] = (out, runs["meunet"][1] + _train(mapping, 2, budget))
+    return runs
+
+
+def train_timed(
+    split: Split, budget: Budget, sides: dict[str, dict], seed: int, work: Path, device: str, precision: str
+) -> dict[str, tuple[Path, float]]:
+    """The equal-memory, equal-time comparison: each configuration is one training command into
+    ``work/<config>`` with ``training.time_budget`` of ``budget.minutes`` at its side of ``sides`` (see
+    :func:`equal_memory_sides`); a cascade trains its own stage 1, its out-of-fold folds and its stage 2
+    within that time, as ``meunet train --time-budget`` does. Returns {config: (model dir, seconds)}."""
+    runs = {}
+    for name in CONFIGS:
+        side = sides[name]["patch"]
+        mapping = _mapping(split, budget, name, seed, work / name, device, precision)
+        mapping["stages"] = "both" if name.startswith("cascade") else "1"
+        mapping["patch"] = {"size": context_side(side) if name == "unet-fov" else side}
+        mapping["training"]["time_budget"] = budget.minutes * 60
+        start = time.perf_counter()
+        train(parse_config(mapping, f"{name} (seed {seed})"), force=True)
+        runs[name] = (work / name, time.perf_counter() - start)
     return runs
 
 
@@ -259,31 +330,56 @@ def machine(device: str, threads: int) -> str:
     return text
 
 
+def trained_steps(model_dir: Path) -> dict[str, int]:
+    """Steps each stage trained (the last iteration ``train_log.csv`` logs per stage)."""
+    with open(model_dir / "train_log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {r["stage"]: int(float(r["iteration"])) for r in rows}
+
+
 def run(
-    splits: list[Split], budget: Budget, seeds: int, work: Path, device: str, precision: str
+    splits: list[Split],
+    budget: Budget,
+    seeds: range,
+    work: Path,
+    device: str,
+    precision: str,
 ) -> list[dict]:
-    """Train and evaluate every configuration on every split for seeds 0 .. seeds-1; one record per run."""
+    """Train and evaluate every configuration on every split for ``seeds``; one record per run. With
+    ``budget.minutes``, the equal-memory, equal-time comparison (:func:`equal_memory_sides` per split,
+    :func:`train_timed`)."""
     records = []
     for split in splits:
-        for seed in range(seeds):
+        sides = None
+        if budget.minutes is not None:
+            smallest = min(min(open_volume(pair["image"]).array.shape) for pair in split.train)
+            sides = equal_memory_sides(budget, precision, smallest)
+            for config, given in sides.items():
+                mib = given["activation_bytes"] / 2**20
+                print(f"{split.name} {config}: local side {given['patch']} ({mib:.1f} MiB of activations)")
+        for seed in seeds:
             folder = work / split.name / f"seed{seed}"
-            for name, (model_dir, seconds) in train_configurations(
-                split, budget, seed, folder, device, precision
-            ).items():
+            if sides is None:
+                trained = train_configurations(split, budget, seed, folder, device, precision)
+            else:
+                trained = train_timed(split, budget, sides, seed, folder, device, precision)
+            for name, (model_dir, seconds) in trained.items():
                 result = evaluate_model(model_dir, split, folder, device, precision)
-                records.append(
-                    {
-                        "data": split.name,
-                        "classes": split.classes,
-                        "config": name,
-                        "seed": seed,
-                        "train_seconds": seconds,
-                        **result,
-                    }
-                )
+                record = {
+                    "data": split.name,
+                    "classes": split.classes,
+                    "config": name,
+                    "seed": seed,
+                    "train_seconds": seconds,
+                    "steps": trained_steps(model_dir),
+                    "stage2_kept": (model_dir / "stage2.pt").exists(),
+                    **(sides or {}).get(name, {}),
+                    **result,
+                }
+                records.append(record)
                 print(
                     f"{split.name} seed {seed} {name}: Dice {np.round(result['dice'], 3).tolist()}, "
-                    f"train {seconds:.0f} s",
+                    f"train {seconds:.0f} s, steps {record['steps']}",
                     flush=True,
                 )
     return records
@@ -309,6 +405,11 @@ def summarize(records: list[dict]) -> dict[tuple[str, str], dict]:
         entry["foreground_dice"] = _spread([statistics.fmean(r["dice"][1:]) for r in runs])
         entry["train_seconds"] = statistics.fmean(r["train_seconds"] for r in runs)
         entry["predict_voxels_per_second"] = statistics.fmean(r["predict_voxels_per_second"] for r in runs)
+        if "patch" in runs[0]:  # the equal-memory comparison: the side and bytes it was given, steps done
+            entry["patch"], entry["activation_bytes"] = runs[0]["patch"], runs[0]["activation_bytes"]
+            stages = dict.fromkeys(stage for r in runs for stage in r["steps"])
+            entry["steps"] = {st: statistics.fmean(r["steps"].get(st, 0) for r in runs) for st in stages}
+            entry["stage2_kept"] = sum(r["stage2_kept"] for r in runs)
         summary[key] = entry
     return summary
 
@@ -344,34 +445,53 @@ def results_table(
     summary: dict[tuple[str, str], dict], data: str, memory: list[dict], checkpointing: bool
 ) -> Table:
     """Dice and IoU per foreground class, mean foreground Dice, training time, prediction speed and the
-    memory of one training step (see :func:`bench_name`), one row per configuration."""
+    memory of one training step (see :func:`bench_name`), one row per configuration. In the equal-memory
+    comparison, the local side and activation bytes each configuration was given and the steps it trained
+    in its minutes (per stage; a cascade's stage 2 kept in how many seeds) instead of the peak."""
     by_bench = {r["config"]: r for r in memory}
     classes = summary[(data, CONFIGS[0])]["classes"]
+    timed = "patch" in summary[(data, CONFIGS[0])]
     header = [
         "configuration",
+        *(["local patch"] if timed else []),
         *(f"Dice {c}" for c in classes[1:]),
         *(f"IoU {c}" for c in classes[1:]),
         "mean fg Dice",
         "train min",
         "predict Mvox/s",
         "activation MiB",
-        "peak MiB",
+        "steps" if timed else "peak MiB",
     ]
     rows = []
     for config in CONFIGS:
         s, step = summary[(data, config)], by_bench[bench_name(config, checkpointing)]
-        peak = step["peak_bytes"]
+        if timed:
+            seeds = s["seeds"]
+            steps = ", ".join(f"{stage} {n:.0f}" for stage, n in s["steps"].items())
+            kept = f" (stage 2 kept {s['stage2_kept']}/{seeds})" if config.startswith("cascade") else ""
+            last, activation = steps + kept, s["activation_bytes"]
+        else:
+            peak, activation = step["peak_bytes"], step["activation_bytes"]
+            last = "-" if peak is None else f"{peak / 2**20:,.1f}"
         rows.append([
             config,
+            *([_sides(config, s["patch"])] if timed else []),
             *(_pm(v) for v in s["dice"][1:]),
             *(_pm(v) for v in s["iou"][1:]),
             _pm(s["foreground_dice"]),
             f"{s['train_seconds'] / 60:.1f}",
             f"{s['predict_voxels_per_second'] / 1e6:.2f}",
-            f"{step['activation_bytes'] / 2**20:,.1f}",
-            "-" if peak is None else f"{peak / 2**20:,.1f}",
+            f"{activation / 2**20:,.1f}",
+            last,
         ])  # fmt: skip
     return Table(header, rows)
+
+
+def _sides(config: str, side: int) -> str:
+    """The patch a configuration of the equal-memory comparison trains on, with its field of view."""
+    if config == "unet-fov":
+        return f"{context_side(side)}^3 (the view of {side}^3)"
+    return f"{side}^3" if config == "unet-local" else f"{side}^3, context {context_side(side)}^3"
 
 
 def _paragraph(text: str) -> str:
@@ -445,13 +565,26 @@ def results_markdown(runs: list[dict], images: Path) -> str:
         stem = f"paper_table_{result['name'].replace(' ', '_')}"
         memory_png = images / f"{stem}_memory.png"
         plot_memory(result["memory"], memory_png)
+        checkpointing = "on" if budget["checkpointing"] else "off"
+        if result.get("meunet_checkpointing"):  # runs before 2026-12-02 trained every network alike
+            checkpointing = f"{checkpointing} for the U-nets, on for the meU-net and the cascades"
+        if budget.get("minutes") is None:
+            size = (
+                f"local patch {budget['patch']}^3, context {result['context']}^3, {budget['iterations']} "
+                f"steps per stage with {budget['validations']} validations"
+            )
+        else:
+            size = (
+                f"each configuration the largest local patch whose training step keeps at most "
+                f"{budget['activation_mib']:g} MiB of activations (every stage of a cascade; counted on "
+                f"`meta`) and {budget['minutes']:g} minutes of wall time for its whole training command "
+                f"(`training.time_budget`: a cascade's stage 1, out-of-fold folds, stage-1 cache and stage 2 "
+                f"included; the steps and validations planned to fill it)"
+            )
         setting = (
             f"Command: `{result['command']}` ({result['date']}). Machine: {result['machine']}. "
-            f"Budget: widths {budget['widths']}, local patch {budget['patch']}^3, context "
-            f"{result['context']}^3, batch {budget['batch']}, {budget['iterations']} steps per stage with "
-            f"{budget['validations']} validations, checkpointing "
-            f"{'on' if budget['checkpointing'] else 'off'}, {result['precision']} on {result['device']}; "
-            f"seeds {result['seeds']}."
+            f"Budget: widths {budget['widths']}, {size}, batch {budget['batch']}, checkpointing "
+            f"{checkpointing}, {result['precision']} on {result['device']}; seeds {result['seeds']}."
         )
         blocks = [setting] + ([REAL_NOTE] if result["data"] == "real" else [])
         datasets = list(dict.fromkeys(r["data"] for r in result["records"]))
@@ -511,10 +644,37 @@ def training_hours(memory: list[dict], budget: Budget, seeds: int, splits: int) 
     return per_seed * seeds * splits / 3600
 
 
+def merged(result: dict, path: Path) -> dict:
+    """``result`` with the records of an earlier run in ``path`` of the same budget, precision and device
+    whose seeds it did not run (a comparison split over several commands; each command's line is kept)."""
+    if not path.exists():
+        return {**result, "seeds": len({r["seed"] for r in result["records"]})}
+    earlier = json.loads(path.read_text())
+    same = ("budget", "precision", "device", "data")
+    if any(json.loads(json.dumps(result[k])) != earlier.get(k) for k in same):
+        print(f"{path} holds another budget: replaced", file=sys.stderr)
+        return {**result, "seeds": len({r["seed"] for r in result["records"]})}
+    ran = {r["seed"] for r in result["records"]}
+    records = [r for r in earlier["records"] if r["seed"] not in ran] + result["records"]
+    records.sort(key=lambda r: (r["data"], r["seed"]))
+    join = {k: "; ".join(dict.fromkeys([earlier[k], result[k]])) for k in ("command", "date", "machine")}
+    return {**result, **join, "records": records, "seeds": len({r["seed"] for r in records})}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=["synthetic", "real"], default="synthetic")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds FIRST .. FIRST+SEEDS-1, merged into an earlier run's JSON",
+    )
+    parser.add_argument(
+        "--budget-mib", type=float, default=None, help="equal memory: activation MiB per step"
+    )
+    parser.add_argument("--minutes", type=float, default=None, help="equal time: minutes per configuration")
     parser.add_argument(
         "--iterations", type=int, default=None, help="steps per stage (default: the budget's)"
     )
@@ -535,6 +695,8 @@ def main() -> None:
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
+    if (args.budget_mib is None) != (args.minutes is None):
+        parser.error("--budget-mib and --minutes go together (the equal-memory, equal-time comparison)")
     torch.set_num_threads(args.threads)
     budget = PAPER_SCALE if args.paper_scale else Budget()
     budget = replace(
@@ -542,6 +704,8 @@ def main() -> None:
         iterations=args.iterations or budget.iterations,
         validations=args.validations or budget.validations,
         shape=tuple(args.shape or budget.shape),
+        activation_mib=args.budget_mib,
+        minutes=args.minutes,
     )
     if args.device == "cpu" and args.paper_scale:
         print("warning: paper scale on a CPU takes days; use --device cuda", file=sys.stderr)
@@ -550,15 +714,25 @@ def main() -> None:
     memory = measure_memory(
         StepSetting(budget.patch, 1.5, budget.batch, budget.widths, args.precision, bench_device)
     )
-    hours = training_hours(memory, budget, args.seeds, 1 if args.data == "synthetic" else len(REAL_SCANS))
-    print(f"measured one-step times: about {hours:.1f} h of training steps (plus validation and prediction)")
+    n_splits = 1 if args.data == "synthetic" else len(REAL_SCANS)
+    if budget.minutes is not None:
+        hours = budget.minutes * len(CONFIGS) * args.seeds * n_splits / 60
+        print(f"about {hours:.1f} h of training (plus prediction)")
+    else:
+        hours = training_hours(memory, budget, args.seeds, n_splits)
+        print(
+            f"measured one-step times: about {hours:.1f} h of training steps (plus validation and prediction)"
+        )
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     started = time.strftime("%Y-%m-%d %H:%M")
     host = machine(args.device, args.threads)
     with tempfile.TemporaryDirectory(prefix="paper_table_") as tmp:
         work = args.work or Path(tmp)
         splits = [synthetic_split(work, budget)] if args.data == "synthetic" else real_splits(work)
-        records = run(splits, budget, args.seeds, work, args.device, args.precision)
+        records = run(splits, budget, seeds, work, args.device, args.precision)
     name = f"{'paper-scale ' if args.paper_scale else ''}{args.data}"
+    if budget.minutes is not None:
+        name += f" at {budget.activation_mib:g} MiB, {budget.minutes:g} min"
     result = {
         "name": name,
         "data": args.data,
@@ -567,16 +741,20 @@ def main() -> None:
         "machine": host,
         "device": args.device,
         "precision": args.precision,
-        "seeds": args.seeds,
         "budget": asdict(budget),
         "context": budget.context,
+        "meunet_checkpointing": True,
         "memory": memory,
         "records": records,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"paper_table_{name.replace(' ', '_')}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = RESULTS / f"paper_table_{re.sub(r'[^A-Za-z0-9.-]+', '_', name)}.json"
+    result = merged(result, out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
     print(f"wrote {out}")
+    records = result["records"]
     summary = summarize(records)
     for data in dict.fromkeys(r["data"] for r in records):
         table = results_table(summary, data, memory, budget.checkpointing)

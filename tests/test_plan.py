@@ -270,8 +270,10 @@ def test_a_time_budget_stops_training_and_keeps_a_validated_model(config_file, t
 def test_a_stage_past_its_deadline_validates_and_stops(config_file, tmp_path, monkeypatch):
     import meunet.train.pipeline as pipeline
 
-    fit = pipeline.fit_stage
-    monkeypatch.setattr(pipeline, "fit_stage", lambda *a: fit(*a[:7], time.monotonic(), 0.0))
+    run = pipeline.StageTrainer.run
+    monkeypatch.setattr(
+        pipeline.StageTrainer, "run", lambda self, resume, *a: run(self, resume, time.monotonic())
+    )
     values = yaml.safe_load(config_file.read_text())
     values["output"] = str(tmp_path / "model")
     values["training"].update(max_iterations=50, validate_every=25)

@@ -274,25 +274,11 @@ def iteration_limit(config: TrainConfig, kept_patches: int) -> int:
     return min(by_epochs, training.max_iterations or by_epochs)
 
 
-def fit_stage(
-    stage: Stage,
-    config: TrainConfig,
-    checkpoint: Path,
-    log: TrainLog,
-    device: torch.device,
-    augment: Callable[[Batch, torch.Generator], Batch],
-    resume: bool,
-    deadline: float | None = None,
-    validation_seconds: float = 0.0,
-) -> int:
-    """Train one stage until its iteration limit, early stop or deadline, validating and checkpointing as it
-    goes.
-
-    Every ``validate_every`` iterations (default: once per epoch) and at the last iteration, the stage's
-    BatchNorm statistics are recalibrated (:func:`recalibrate_batch_norm`), the stage is validated, a row is
-    logged, the model directory is written if the mean foreground Dice improved, and the checkpoint (weights,
-    optimiser, loss scaler, all random states, progress and sampler position) is written to ``checkpoint``
-    (temporary name, then rename).
+class StageTrainer:
+    """Trains one stage, in the named steps that nnU-Net's ``run_training`` reads as: :meth:`restore` (or a
+    fresh start), then :meth:`train_step` per batch and, every ``validate_every`` iterations (default: once
+    per epoch), at the last iteration and at a deadline, :meth:`validate` (which keeps the best weights) and
+    :meth:`save_checkpoint`; :meth:`run` is that loop.
 
     Args:
         stage: the stage's network, data and callbacks.
@@ -302,108 +288,98 @@ def fit_stage(
         device: where to train.
         augment: ``augment(batch, generator)`` applied on the device before each step (with several
             processes also given the rows: ``first``, ``total``; see :func:`augment_batch`).
-        resume: continue from ``checkpoint`` if it exists; otherwise start afresh (and delete it).
-        deadline: ``time.monotonic()`` by which the stage must have ended: it validates and stops at the
-            step after which one more step and one more validation (as long as the last) would pass it.
-        validation_seconds: how long a validation is expected to take until one has been timed.
 
-    Under torchrun every process runs this: each trains on its rows of every global batch
-    (:class:`RankRows`) through ``DistributedDataParallel`` (:func:`meunet.ddp.distribute`), all draw the
-    random numbers of the whole batch, and rank 0 alone validates (the others receive the Dice), logs and
-    writes the model directory and the checkpoint; all wait for it before returning.
-
-    Returns:
-        The number of optimiser steps taken in this call (0 when the stage had already finished).
+    Under torchrun every process runs it: each trains on its rows of every global batch (:class:`RankRows`)
+    through ``DistributedDataParallel`` (:func:`meunet.ddp.distribute`), all draw the random numbers of the
+    whole batch, and rank 0 alone validates (the others receive the Dice), logs and writes the model
+    directory and the checkpoint; all wait for it before :meth:`run` returns.
     """
-    training = config.training
-    batch_size = training.batch_size
-    if ddp.world_size() > 1:
-        augment = partial(augment, first=ddp.share(batch_size)[0], total=batch_size)
-    params = [p for p in stage.net.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=training.learning_rate)
-    precision = resolve_precision(config.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    generator = torch.Generator().manual_seed(
-        int(np.random.SeedSequence([config.seed, stage.number]).generate_state(1)[0])
-    )
-    progress = Progress()
-    if resume and checkpoint.exists():
-        state = load_checkpoint(checkpoint)
-        load_matching(checkpoint, stage.net, state["net"])
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            generator.set_state(state["generator"])
-            restore_rng_states(state["rng"])
-            progress = Progress(**state["progress"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise InputError(checkpoint, f"not a resumable checkpoint of this run ({exc!r})"[:300]) from None
-    elif ddp.is_main():
-        checkpoint.unlink(missing_ok=True)
-    total = iteration_limit(config, len(stage.dataset))
-    if progress.stopped_early or progress.iteration >= total:
-        return 0  # a finished stage leaves the log alone (a later stage's rows are kept)
-    log.keep_until(stage.number, progress.iteration)
-    first = progress.iteration
 
-    model = ddp.distribute(stage.net, device)
-    every = training.validate_every or math.ceil(len(stage.dataset) / batch_size)
-    rows = RankRows(progress.position, total - progress.iteration, batch_size)
-    loader = torch.utils.data.DataLoader(
-        stage.dataset,
-        batch_size=ddp.share(batch_size)[1],
-        sampler=rows,
-        num_workers=training.workers,
-        pin_memory=device.type == "cuda",
-    )
-    sums: dict[str, float] = {}
-    steps = 0
-    started = time.perf_counter() - progress.seconds
-    interval = time.perf_counter()
-    stage.net.train()
-    bar = tqdm(
-        total=total,
-        initial=progress.iteration,
-        desc=f"stage {stage.number}",
-        disable=not (training.progress and ddp.is_main()),
-    )
-    for batch in loader:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, progress.iteration, total)
-        batch = augment({k: v.to(device, non_blocking=True) for k, v in batch.items()}, generator)
-        with autocast(precision, device):
-            losses = stage.losses(model, batch)
+    def __init__(
+        self,
+        stage: Stage,
+        config: TrainConfig,
+        checkpoint: Path,
+        log: TrainLog,
+        device: torch.device,
+        augment: Callable[[Batch, torch.Generator], Batch],
+    ) -> None:
+        self.stage, self.config, self.checkpoint, self.log, self.device = (
+            stage,
+            config,
+            checkpoint,
+            log,
+            device,
+        )
+        batch_size = config.training.batch_size
+        if ddp.world_size() > 1:
+            augment = partial(augment, first=ddp.share(batch_size)[0], total=batch_size)
+        self.augment = augment
+        params = [p for p in stage.net.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=config.training.learning_rate)
+        self.precision = resolve_precision(config.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([config.seed, stage.number]).generate_state(1)[0])
+        )
+        self.progress = Progress()
+        self.total = iteration_limit(config, len(stage.dataset))
+
+    def restore(self, resume: bool) -> None:
+        """Continue from the checkpoint where ``resume`` and it exists (weights, optimiser, loss scaler, all
+        random states, progress and sampler position); otherwise start afresh and delete it."""
+        if resume and self.checkpoint.exists():
+            state = load_checkpoint(self.checkpoint)
+            load_matching(self.checkpoint, self.stage.net, state["net"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scaler.load_state_dict(state["scaler"])
+                self.generator.set_state(state["generator"])
+                restore_rng_states(state["rng"])
+                self.progress = Progress(**state["progress"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                why = f"not a resumable checkpoint of this run ({exc!r})"[:300]
+                raise InputError(self.checkpoint, why) from None
+        elif ddp.is_main():
+            self.checkpoint.unlink(missing_ok=True)
+
+    def train_step(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        """One optimiser step of ``model`` (the stage's network, wrapped for DDP) on ``batch``, augmented
+        here, at the scheduled learning rate; returns the losses.
+
+        Raises:
+            InputError: the loss is not finite (the weights are left as they were).
+        """
+        progress, training = self.progress, self.config.training
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.config, progress.iteration, self.total)
+        batch = self.augment(
+            {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, self.generator
+        )
+        with autocast(self.precision, self.device):
+            losses = self.stage.losses(model, batch)
         if not torch.isfinite(losses["loss"].detach()).item():  # stop before non-finite weights exist
             raise InputError(
                 "training",
-                f"non-finite loss at stage {stage.number} step {progress.iteration + 1}: "
+                f"non-finite loss at stage {self.stage.number} step {progress.iteration + 1}: "
                 "lower training.learning_rate or check the data",
             )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         progress.iteration += 1
-        progress.position += batch_size
-        values = {key: value.item() for key, value in losses.items()}
-        sums = {key: sums.get(key, 0.0) + value for key, value in values.items()}
-        steps += 1
-        bar.update()
-        bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
-        now = time.perf_counter()
-        late = (
-            deadline is not None
-            and time.monotonic() + (now - interval) / steps + validation_seconds > deadline
-        )
-        if progress.iteration % every and progress.iteration < total and not late:
-            continue
-        speed = steps / (now - interval)
-        # at most as many samples as trained since the last validation: a third of the interval's compute
-        recalibrate_batch_norm(
-            stage, config, device, augment, progress.position, min(RECALIBRATION_SAMPLES, steps * batch_size)
-        )
+        progress.position += training.batch_size
+        return {key: value.item() for key, value in losses.items()}
+
+    def validate(self, trained_samples: int) -> tuple[np.ndarray, float]:
+        """Recalibrate BatchNorm (:func:`recalibrate_batch_norm`, on at most ``trained_samples``: a third of
+        the interval's compute), validate on rank 0, write the model directory if the mean foreground Dice
+        improved, and count towards early stopping. Returns (Dice per class, mean foreground Dice)."""
+        stage, progress = self.stage, self.progress
+        samples = min(RECALIBRATION_SAMPLES, trained_samples)
+        recalibrate_batch_norm(stage, self.config, self.device, self.augment, progress.position, samples)
         dice = ddp.on_main(stage.validate)
-        validation_seconds = time.perf_counter() - now
         stage.net.train()
         foreground = dice[1:][np.isfinite(dice[1:])]
         score = float(foreground.mean()) if foreground.size else 0.0
@@ -413,29 +389,90 @@ def fit_stage(
                 stage.save_best()
         else:
             progress.stale += 1
-            progress.stopped_early = progress.stale >= training.patience
-        progress.seconds = time.perf_counter() - started
-        row = {k: v / steps for k, v in sums.items()}
-        row.update(stage=stage.number, iteration=progress.iteration, seconds=progress.seconds, it_per_s=speed)
-        row.update(epoch=progress.position / len(stage.dataset), mean_foreground_dice=score)
-        if ddp.is_main():  # the global state: another number of processes may resume it
-            log.append(row, dice)
-            save_checkpoint(
-                checkpoint,
-                {
-                    "stage": stage.number,
-                    "net": stage.net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "generator": generator.get_state(),
-                    "rng": rng_states(),
-                    "progress": asdict(progress),
-                },
+            progress.stopped_early = progress.stale >= self.config.training.patience
+        return dice, score
+
+    def save_checkpoint(self) -> None:
+        """Write the resumable state to the checkpoint (temporary name, then rename); rank 0's, the global
+        state, so that another number of processes may resume it."""
+        save_checkpoint(
+            self.checkpoint,
+            {
+                "stage": self.stage.number,
+                "net": self.stage.net.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "generator": self.generator.get_state(),
+                "rng": rng_states(),
+                "progress": asdict(self.progress),
+            },
+        )
+
+    def run(self, resume: bool, deadline: float | None = None, validation_seconds: float = 0.0) -> int:
+        """Train until the iteration limit, early stop or ``deadline``; returns the optimiser steps taken in
+        this call (0 when the stage had already finished).
+
+        Args:
+            resume: continue from the checkpoint if it exists (see :meth:`restore`).
+            deadline: ``time.monotonic()`` by which the stage must have ended: it validates and stops at the
+                step after which one more step and one more validation (as long as the last) would pass it.
+            validation_seconds: how long a validation is expected to take until one has been timed.
+        """
+        self.restore(resume)
+        progress, stage, batch_size = self.progress, self.stage, self.config.training.batch_size
+        if progress.stopped_early or progress.iteration >= self.total:
+            return 0  # a finished stage leaves the log alone (a later stage's rows are kept)
+        self.log.keep_until(stage.number, progress.iteration)
+        first = progress.iteration
+        model = ddp.distribute(stage.net, self.device)
+        every = self.config.training.validate_every or math.ceil(len(stage.dataset) / batch_size)
+        loader = torch.utils.data.DataLoader(
+            stage.dataset,
+            batch_size=ddp.share(batch_size)[1],
+            sampler=RankRows(progress.position, self.total - progress.iteration, batch_size),
+            num_workers=self.config.training.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        sums: dict[str, float] = {}
+        steps = 0
+        started = time.perf_counter() - progress.seconds
+        interval = time.perf_counter()
+        stage.net.train()
+        bar = tqdm(
+            total=self.total,
+            initial=progress.iteration,
+            desc=f"stage {stage.number}",
+            disable=not (self.config.training.progress and ddp.is_main()),
+        )
+        for batch in loader:
+            values = self.train_step(model, batch)
+            sums = {key: sums.get(key, 0.0) + value for key, value in values.items()}
+            steps += 1
+            bar.update()
+            bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+            now = time.perf_counter()
+            late = (
+                deadline is not None
+                and time.monotonic() + (now - interval) / steps + validation_seconds > deadline
             )
-        sums, steps, interval = {}, 0, time.perf_counter()
-        bar.set_postfix(loss=f"{row['loss']:.4f}", dice=f"{score:.3f}")
-        if progress.stopped_early or late:
-            break
-    bar.close()
-    ddp.barrier()  # rank 0's model directory and checkpoint are complete before any process reads them
-    return progress.iteration - first
+            if progress.iteration % every and progress.iteration < self.total and not late:
+                continue
+            speed = steps / (now - interval)
+            dice, score = self.validate(steps * batch_size)
+            validation_seconds = time.perf_counter() - now
+            progress.seconds = time.perf_counter() - started
+            row = {k: v / steps for k, v in sums.items()}
+            row.update(stage=stage.number, iteration=progress.iteration, seconds=progress.seconds)
+            row.update(
+                it_per_s=speed, epoch=progress.position / len(stage.dataset), mean_foreground_dice=score
+            )
+            if ddp.is_main():
+                self.log.append(row, dice)
+                self.save_checkpoint()
+            sums, steps, interval = {}, 0, time.perf_counter()
+            bar.set_postfix(loss=f"{row['loss']:.4f}", dice=f"{score:.3f}")
+            if progress.stopped_early or late:
+                break
+        bar.close()
+        ddp.barrier()  # rank 0's model directory and checkpoint are complete before any process reads them
+        return progress.iteration - first

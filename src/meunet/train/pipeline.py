@@ -36,7 +36,14 @@ from meunet.train.inference import (
     validation_labels,
 )
 from meunet.train.log import TrainLog
-from meunet.train.loop import Stage, augment_batch, fit_stage, local_losses, stage1_losses, stage2_losses
+from meunet.train.loop import (
+    Stage,
+    StageTrainer,
+    augment_batch,
+    local_losses,
+    stage1_losses,
+    stage2_losses,
+)
 from meunet.train.loss import class_weights
 from meunet.train.plan import (
     BUDGET_USE,
@@ -182,7 +189,8 @@ def _fit(
     losses = partial(kind, weights=weights, across=across)
     stage = Stage(number, net, dataset, losses, validate, save_best)
     augment = _augment(config, data)
-    return fit_stage(stage, config, checkpoint, log, device, augment, resume, deadline, validation)
+    trainer = StageTrainer(stage, config, checkpoint, log, device, augment)
+    return trainer.run(resume, deadline, validation)
 
 
 def _stage1_net(config: TrainConfig, n_classes: int, device: torch.device, seed: int) -> torch.nn.Module:
