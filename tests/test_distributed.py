@@ -119,7 +119,7 @@ def _windows_per_block(shape, block) -> int:
     [((40, 48, 48), (16, 16, 16), 0.5, (8, 24, 24)), ((37, 9, 70), (12, 16, 20), 0.3, (10, 9, 32))],
 )
 def test_blocks_tile_the_volume_and_take_every_window_that_touches_them(shape, window, overlap, block):
-    grid = SlidingWindow(window, overlap).grid(shape)
+    grid = SlidingWindow(window, overlap=overlap).grid(shape)
     cover = np.zeros(shape, np.uint8)
     for core in plan_blocks(shape, block):
         cover[tuple(slice(*c) for c in core)] += 1
@@ -158,7 +158,7 @@ def test_cascade_blocks_equal_single_process_prediction(tmp_path):
     write_volume(tmp_path / "image.npy", Volume(image))
     predict(model, tmp_path / "image.npy", tmp_path / "ref.npy", skip_empty=True, progress=False)
     expected = read_volume(tmp_path / "ref.npy").array
-    predictor = Predictor(model, PredictSettings(WINDOW, skip_empty=True))
+    predictor = Predictor(model, PredictSettings(window=WINDOW, skip_empty=True))
     got = np.zeros_like(expected)
     for core in plan_blocks(image.shape, (8, 16, 16)):
         got[tuple(slice(*c) for c in core)] = predictor.block(image, core)

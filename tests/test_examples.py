@@ -7,7 +7,7 @@ import pytest
 
 import meunet.precision
 from meunet.data.patches import sample_stride
-from meunet.infer import Predictor, PredictSettings, choose_window, predict, window_candidates
+from meunet.infer import Predictor, PredictSettings, SlidingWindow, choose_window, predict, window_candidates
 from meunet.io import Volume, check_outputs, read_volume, write_volume
 from meunet.metrics import evaluate
 from meunet.models import context_side, stage1_fill
@@ -22,6 +22,7 @@ EXAMPLES = [
     generate_dataset,
     train,
     PredictSettings,
+    SlidingWindow,
     Predictor,
     predict,
     choose_window,

@@ -359,7 +359,7 @@ def test_stage2_trains_on_out_of_fold_stage1_output(tmp_path, monkeypatch):
     # each region's cache is the output of the fold model that held it out, not of the final stage 1
     cache = np.asarray(zarr.open_array(str(out / "stage1_cache" / "train_0.zarr"), mode="r"))
     bundle = load_model_dir(out)
-    engine = SlidingWindow((24, 24, 24), 0.5, precision="auto")  # as training predicts
+    engine = SlidingWindow((24, 24, 24), overlap=0.5, precision="auto")  # as training predicts
     norm = Normalization.from_dict(meta["normalization"])
     unet = UNet3D(1, 3, widths=[2, 4, 4, 4, 4], norm="batch")
     for fold, (z0, z1) in enumerate(((0, 32), (32, 64))):

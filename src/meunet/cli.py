@@ -7,6 +7,8 @@ and exit status 2. Commands live here; the work lives in the stage modules (``me
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -133,14 +135,40 @@ synth_app = typer.Typer(
 )
 app.add_typer(synth_app, name="synth")
 
-_SEED = typer.Option(0, "--seed", help="Seed: noise, rings and everything drawn follow from it.")
-_PHYSICS = typer.Option(False, "--physics", help="Radon projections, Poisson counts, FBP.")
-_SNR = typer.Option(None, "--snr", help="Contrast over noise (default 10).")
-_FORMAT = typer.Option("nii.gz", "--format", help="nii.gz, nii, tif or zarr.")
-_UINT16 = typer.Option(False, "--uint16", help="16-bit images instead of 8-bit.")
-_WORKERS = typer.Option(None, "--workers", min=1, help="Processes for --physics (default ≤ 4).")
-_NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bar.")
-_FORCE = typer.Option(False, "--force", help="Overwrite a data set in OUT_DIR.")
+_ACQUISITION = (  # the options every `meunet synth` command ends with: (name, type, option)
+    ("seed", int, typer.Option(0, "--seed", help="Seed: noise, rings and everything drawn follow from it.")),
+    ("physics", bool, typer.Option(False, "--physics", help="Radon projections, Poisson counts, FBP.")),
+    ("snr", float | None, typer.Option(None, "--snr", help="Contrast over noise (default 10).")),
+    ("fmt", str, typer.Option("nii.gz", "--format", help="nii.gz, nii, tif or zarr.")),
+    ("uint16", bool, typer.Option(False, "--uint16", help="16-bit images instead of 8-bit.")),
+    (
+        "workers",
+        int | None,
+        typer.Option(None, "--workers", min=1, help="Processes for --physics (default ≤ 4)."),
+    ),
+    ("no_progress", bool, typer.Option(False, "--no-progress", help="No progress bar.")),
+    ("force", bool, typer.Option(False, "--force", help="Overwrite a data set in OUT_DIR.")),
+)
+
+
+def _acquired(command):
+    """``command`` with the options of :data:`_ACQUISITION` after its own; it is called with them as
+    ``acquisition``, the keyword arguments they make for ``generate_dataset`` and ``from_labels``."""
+    own = inspect.signature(command, eval_str=True).parameters.values()
+    shared = [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t)
+        for n, t, o in _ACQUISITION
+    ]
+
+    @functools.wraps(command)
+    def with_options(**values) -> None:
+        options = {name: values.pop(name) for name, _, _ in _ACQUISITION}
+        options["dtype"] = "uint16" if options.pop("uint16") else "uint8"
+        options["progress"] = not options.pop("no_progress")
+        command(**values, acquisition=options)
+
+    with_options.__signature__ = inspect.Signature([p for p in own if p.name != "acquisition"] + shared)
+    return with_options
 
 
 def _phantom_command(kind: str, what: str):
@@ -152,27 +180,17 @@ def _phantom_command(kind: str, what: str):
         shape: tuple[int, int, int] | None = typer.Option(
             None, "--shape", metavar="Z Y X", help="Volume shape (default 192 96 96 fly, 128 128 128 porous)."
         ),
-        seed: int = _SEED,
-        physics: bool = _PHYSICS,
-        snr: float | None = _SNR,
-        fmt: str = _FORMAT,
-        uint16: bool = _UINT16,
-        workers: int | None = _WORKERS,
         preview: bool = typer.Option(False, "--preview", help="Also write preview.png of the first volume."),
-        no_progress: bool = _NO_PROGRESS,
-        force: bool = _FORCE,
+        *,
+        acquisition: dict,
     ) -> None:
         from meunet.synth import generate_dataset
 
-        path = generate_dataset(
-            out_dir, kind=kind, count=count, shape=shape, seed=seed, physics=physics, snr=snr, fmt=fmt,
-            force=force, dtype="uint16" if uint16 else "uint8", workers=workers, progress=not no_progress,
-            preview=preview,
-        )  # fmt: skip
+        path = generate_dataset(out_dir, kind=kind, count=count, shape=shape, preview=preview, **acquisition)
         typer.echo(f"wrote {count} {kind} volumes and {path}")
 
     command.__doc__ = f"Generate synthetic {what} volumes with ground-truth labels, slab by slab (any size)."
-    return command
+    return _acquired(command)
 
 
 synth_app.command("fly")(_phantom_command("fly", "fly (gut, crop)"))
@@ -180,6 +198,7 @@ synth_app.command("porous")(_phantom_command("porous", "porous-material (matrix,
 
 
 @synth_app.command("from-labels")
+@_acquired
 def synth_from_labels(
     labels: Path = typer.Argument(..., help="Label map (integers 0..254, any format meunet reads)."),
     out_dir: Path = typer.Argument(..., help="Folder for img_000.*, lab_000.* and dataset.json."),
@@ -189,24 +208,14 @@ def synth_from_labels(
     class_names: str | None = typer.Option(
         None, "--class-names", help="Names by label value, comma-separated (default: from the source)."
     ),
-    seed: int = _SEED,
-    physics: bool = _PHYSICS,
-    snr: float | None = _SNR,
-    fmt: str = _FORMAT,
-    uint16: bool = _UINT16,
-    workers: int | None = _WORKERS,
-    no_progress: bool = _NO_PROGRESS,
-    force: bool = _FORCE,
+    *,
+    acquisition: dict,
 ) -> None:
     """Re-acquire a label map with meunet's scanner models: an image whose labels are exact."""
     from meunet.synth import from_labels
 
     names = None if class_names is None else [n.strip() for n in class_names.split(",")]
-    path = from_labels(
-        labels, out_dir, image=image, seed=seed, physics=physics, snr=snr, fmt=fmt,
-        dtype="uint16" if uint16 else "uint8", classes=names, workers=workers, progress=not no_progress,
-        force=force,
-    )  # fmt: skip
+    path = from_labels(labels, out_dir, image=image, classes=names, **acquisition)
     typer.echo(f"wrote {path}")
 
 
@@ -441,8 +450,9 @@ def predict_command(
     from meunet.infer import Predictor, PredictSettings
 
     settings = PredictSettings(
-        window, overlap, blend, batch, device, precision, skip_empty, air_threshold, tta, not no_postprocess,
-        memory_gib,
+        window=window, overlap=overlap, blend=blend, batch=batch, device=device, precision=precision,
+        skip_empty=skip_empty, air_threshold=air_threshold, tta=tta, postprocess=not no_postprocess,
+        memory_gib=memory_gib,
     )  # fmt: skip
     if dask is not None:
         from meunet.distributed import predict_distributed

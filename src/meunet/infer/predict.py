@@ -39,6 +39,7 @@ from meunet.infer.window import (
     Shape3,
     SlidingWindow,
     WindowCounts,
+    WindowSettings,
     check_settings,
     label_dtype,
     labels_from_scores,
@@ -75,13 +76,14 @@ MEMORY_MARGIN = 0.9  # the default budget: this share of the memory available wh
 MAX_COVERAGE = 1000  # refused above: the windows predict every voxel this many times on average (overlap 0.9)
 
 
-@dataclass(frozen=True)
-class PredictSettings:
-    """How a model is applied to volumes; checked when made.
+@dataclass(frozen=True, kw_only=True)
+class PredictSettings(WindowSettings):
+    """How a model is applied to volumes (keywords only); checked when made.
 
     Attributes:
         window: (z, y, x) window; None takes ``model.json``'s ``window``.
-        overlap, blend, batch, device, precision, tta: see :class:`SlidingWindow`.
+        overlap, blend, batch, device, precision, tta: see :class:`WindowSettings` (precision ``auto``
+            by default).
         skip_empty: skip windows whose raw intensities all lie below ``air_threshold`` (default: one third
             of the way from the normalisation's ``clip_low`` to ``clip_high``); a skipped window counts as
             certain background (logits 0 for background, -10 for the other classes).
@@ -104,10 +106,6 @@ class PredictSettings:
     """
 
     window: tuple[int, int, int] | None = None
-    overlap: float = 0.5
-    blend: str = "gaussian"
-    batch: int = 1
-    device: str = "cpu"
     precision: str = "auto"
     skip_empty: bool = False
     air_threshold: float | None = None
@@ -269,7 +267,7 @@ class Predictor:
             raise InputError(model_json, "no default 'window': give one (--window Z Y X)")
         self.stored_window: Shape3 = tuple(bundle.meta.get("window") or window)  # type: ignore[assignment]
         self.settings = s = replace(settings, window=tuple(window))
-        self.engine = SlidingWindow(s.window, s.overlap, s.blend, s.batch, s.device, s.precision, s.tta)
+        self.engine = SlidingWindow(s.window, **s.window_settings())
         try:
             self.normalization = Normalization.from_dict(bundle.meta["normalization"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -586,8 +584,9 @@ def predict(
     True
     """
     settings = PredictSettings(
-        window, overlap, blend, batch, device, precision, skip_empty, air_threshold, tta, postprocess,
-        memory_gib,
+        window=window, overlap=overlap, blend=blend, batch=batch, device=device, precision=precision,
+        skip_empty=skip_empty, air_threshold=air_threshold, tta=tta, postprocess=postprocess,
+        memory_gib=memory_gib,
     )  # fmt: skip
     return Predictor(model_dir, settings).predict(
         input, output, probabilities=probabilities, stats_json=stats_json, progress=progress, force=force,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any, Literal
 
@@ -175,29 +175,42 @@ class WindowCounts:
     skipped: int = 0
 
 
-@dataclass(frozen=True)
-class SlidingWindow:
-    """Settings of a sliding-window prediction; :meth:`stream` runs it.
+@dataclass(frozen=True, kw_only=True)
+class WindowSettings:
+    """How windows are run and blended, whatever their size (keywords only).
 
-    Args:
-        window: window size (wz, wy, wx) in voxels.
+    Attributes:
         overlap: fraction of the window shared by neighbours, in [0, 1); the step is window * (1 - overlap).
         blend: ``gaussian`` (default), ``constant`` or ``vote`` (see :func:`importance_map`). With ``vote``
             each window's output is turned into one-hot hard labels before weighting.
         batch: windows per forward pass.
         device: torch device the network runs on; accumulation stays on the host.
-        precision: ``fp32``, ``bf16`` / ``fp16`` autocast, or ``auto`` (see :mod:`meunet.precision`);
-            resolved when the settings are made.
+        precision: ``fp32``, ``bf16`` / ``fp16`` autocast, or ``auto`` (see :mod:`meunet.precision`).
         tta: average the outputs over the 8 flips of the three spatial axes.
     """
 
-    window: Shape3
     overlap: float = 0.5
     blend: Blend = "gaussian"
     batch: int = 1
     device: str = "cpu"
     precision: str = "fp32"
     tta: bool = False
+
+    def window_settings(self) -> dict[str, Any]:
+        """These settings as keyword arguments (of :class:`SlidingWindow`)."""
+        return {f.name: getattr(self, f.name) for f in fields(WindowSettings)}
+
+
+@dataclass(frozen=True)
+class SlidingWindow(WindowSettings):
+    """Settings of a sliding-window prediction: the window size (wz, wy, wx) in voxels, then the
+    :class:`WindowSettings` by keyword, the precision resolved when made; :meth:`stream` runs it.
+
+    >>> SlidingWindow((32, 32, 32), overlap=0.5).grid((40, 32, 100))
+    [[0, 8], [0], [0, 14, 27, 41, 54, 68]]
+    """
+
+    window: Shape3
 
     def __post_init__(self) -> None:
         check_settings(self.window, self.overlap, self.blend, self.batch, self.precision)

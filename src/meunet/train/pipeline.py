@@ -9,6 +9,8 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -135,7 +137,9 @@ def _meta(config: TrainConfig, data: TrainingData, normalization: dict[str, floa
 
 def _engine(config: TrainConfig, device: torch.device) -> SlidingWindow:
     """Sliding-window settings for validation and the stage-1 cache: the context-sized inference window."""
-    return SlidingWindow(config.patch.context, OVERLAP, device=str(device), precision=config.precision)
+    return SlidingWindow(
+        config.patch.context, overlap=OVERLAP, device=str(device), precision=config.precision
+    )
 
 
 def _augment(config: TrainConfig, data: TrainingData):
@@ -148,15 +152,52 @@ def _augment(config: TrainConfig, data: TrainingData):
     )
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What the phases of one training command share.
+
+    Attributes:
+        config: the configuration, planned.
+        data: the training data, checked.
+        meta: what ``model.json`` holds besides the architectures.
+        out: the model directory.
+        device: where to train.
+        log: the model directory's training log.
+        resume: continue from the checkpoints there.
+        clock: the deadline of a time-budgeted run, shared out between its phases; None without a budget.
+    """
+
+    config: TrainConfig
+    data: TrainingData
+    meta: dict[str, Any]
+    out: Path
+    device: torch.device
+    log: TrainLog
+    resume: bool
+    clock: Deadline | None
+
+
 def _fit(
-    number, net, config, data, checkpoint, log, device, resume, save_best, caches=None, index=None, clock=None
+    run: _Run,
+    phase: str,
+    net: torch.nn.Module,
+    checkpoint: Path,
+    save_best: Callable[[], None],
+    *,
+    config: TrainConfig | None = None,
+    log: TrainLog | None = None,
+    caches: dict[str, list[Path]] | None = None,
+    index: PatchIndex | None = None,
 ) -> int:
-    """Train stage ``number`` (``caches``: stage-1 probability Zarr paths per split, stage 2 only; ``index``:
-    the patches to train on, default all of ``data.index``; ``clock``: ``(Deadline, phase name)`` of a
-    time-budgeted run); returns the number of steps taken."""
+    """Train ``net`` as the phase ``phase`` (``stage 1``, ``fold F`` or ``stage 2``: its share of
+    ``run.clock``) with ``config`` and ``log`` (default: the run's); ``caches``: stage-1 probability Zarr
+    paths per split (stage 2 only); ``index``: the patches to train on (default all of the data's). Returns
+    the number of steps taken."""
+    config, log, data, device = config or run.config, log or run.log, run.data, run.device
+    number = 2 if phase == "stage 2" else 1
     deadline, validation = None, 0.0
-    if clock is not None:
-        config, deadline, validation = clock[0].start(clock[1], config)
+    if run.clock is not None:
+        config, deadline, validation = run.clock.start(phase, config)
     n_classes, norm = len(data.split.classes), data.normalization
     index = data.index if index is None else index
     meunet_stage1 = caches is None and isinstance(net, MeUNet)
@@ -190,7 +231,7 @@ def _fit(
     stage = Stage(number, net, dataset, losses, validate, save_best)
     augment = _augment(config, data)
     trainer = StageTrainer(stage, config, checkpoint, log, device, augment)
-    return trainer.run(resume, deadline, validation)
+    return trainer.run(run.resume, deadline, validation)
 
 
 def _stage1_net(config: TrainConfig, n_classes: int, device: torch.device, seed: int) -> torch.nn.Module:
@@ -202,13 +243,12 @@ def _stage1_net(config: TrainConfig, n_classes: int, device: torch.device, seed:
     return net.to(device)
 
 
-def _train_stage1(config, data, meta, out, device, log, resume, clock) -> bool:
+def _train_stage1(run: _Run) -> bool:
     """Train stage 1 (a meU-net, or a plain U-net on local patches); returns whether any step was taken in
     this call."""
-    net = _stage1_net(config, len(data.split.classes), device, config.seed)
-    save_best = partial(save_model_dir, out, meta, net, None, force=True)
-    checkpoint = out / "checkpoint_stage1.pt"
-    return _fit(1, net, config, data, checkpoint, log, device, resume, save_best, clock=clock) > 0
+    net = _stage1_net(run.config, len(run.data.split.classes), run.device, run.config.seed)
+    save_best = partial(save_model_dir, run.out, run.meta, net, None, force=True)
+    return _fit(run, "stage 1", net, run.out / "checkpoint_stage1.pt", save_best) > 0
 
 
 def _fold_index(config: TrainConfig, data: TrainingData, regions) -> PatchIndex:
@@ -220,23 +260,21 @@ def _fold_index(config: TrainConfig, data: TrainingData, regions) -> PatchIndex:
     return without_regions(data.index, regions, config.patch.size, margin)
 
 
-def _train_fold(
-    config, data, fold: int, index: PatchIndex, out: Path, device, resume, clock
-) -> torch.nn.Module:
+def _train_fold(run: _Run, fold: int, index: PatchIndex) -> torch.nn.Module:
     """Train the stage-1 model of one fold on ``index`` (:func:`_fold_index`); returns it with its best
     validated weights, in eval mode. Its log, checkpoint and weights live in the cache folder
     (``fold<f>_log.csv``, ``fold<f>_checkpoint.pt``, ``fold<f>.pt``)."""
-    fold_config = config.model_copy(update={"seed": config.seed + 1 + fold})
-    net = _stage1_net(fold_config, len(data.split.classes), device, fold_config.seed)
-    weights = out / f"fold{fold}.pt"
+    folder = run.out / CACHE_DIR
+    config = run.config.model_copy(update={"seed": run.config.seed + 1 + fold})
+    net = _stage1_net(config, len(run.data.split.classes), run.device, config.seed)
+    weights = folder / f"fold{fold}.pt"
 
     def save_best() -> None:
         save_checkpoint(weights, {"net": net.state_dict()})
 
-    log = TrainLog(out / f"fold{fold}_log.csv", data.split.classes)
-    checkpoint = out / f"fold{fold}_checkpoint.pt"
-    phase = None if clock is None else (clock, f"fold {fold}")
-    _fit(1, net, fold_config, data, checkpoint, log, device, resume, save_best, index=index, clock=phase)
+    log = TrainLog(folder / f"fold{fold}_log.csv", run.data.split.classes)
+    checkpoint = folder / f"fold{fold}_checkpoint.pt"
+    _fit(run, f"fold {fold}", net, checkpoint, save_best, config=config, log=log, index=index)
     net.load_state_dict(load_checkpoint(weights)["net"])
     return net.eval()
 
@@ -246,7 +284,7 @@ def _cache_key(digest: str, pair, engine: SlidingWindow) -> dict:
     return {"stage1": digest, "image": str(pair.image), "window": list(engine.window), "overlap": OVERLAP}
 
 
-def _out_of_fold_caches(config, data, cascade, engine, paths: list[Path], out: Path, device, resume, clock):
+def _out_of_fold_caches(run: _Run, cascade: Cascade, engine: SlidingWindow, paths: list[Path]):
     """Write every training volume's stage-1 cache from the fold models that never saw its slices.
 
     Stage 1 is trained ``stage2.folds`` more times (:func:`meunet.data.sampling.fold_regions` says which
@@ -259,6 +297,7 @@ def _out_of_fold_caches(config, data, cascade, engine, paths: list[Path], out: P
     held-out volumes are dealt out over the processes, and rank 0 copies the held-out slices.
     """
     started = time.perf_counter()
+    config, data, out = run.config, run.data, run.out
     shapes = [tuple(open_array(p.image).shape) for p in data.split.train]
     folds = fold_regions(shapes, config.stage2.folds)
     indices = [_fold_index(config, data, regions) for regions in folds]
@@ -271,7 +310,7 @@ def _out_of_fold_caches(config, data, cascade, engine, paths: list[Path], out: P
         return None
     nets = []
     for fold, index in enumerate(indices):
-        nets.append(_train_fold(config, data, fold, index, out / CACHE_DIR, device, resume, clock))
+        nets.append(_train_fold(run, fold, index))
         _say(
             f"out-of-fold stage 1, fold {fold + 1}/{len(folds)} trained "
             f"({time.perf_counter() - started:.0f} s so far)"
@@ -307,9 +346,10 @@ def _copy_held_out(scratches, shapes, channels: int, paths: list[Path], out: Pat
             targets[volume][box] = source[box]
 
 
-def _train_stage2(config, data, meta, out, device, log, resume, clock) -> None:
+def _train_stage2(run: _Run) -> None:
     """Cache stage-1 probabilities of every volume (out of fold for the training volumes unless
     ``stage2.out_of_fold`` is false; reused when still valid), then train stage 2."""
+    config, data, meta, out, device = run.config, run.data, run.meta, run.out, run.device
     stage1 = load_model_dir(out, device).stage1
     torch.manual_seed(config.seed)
     m, n_classes = config.model, len(data.split.classes)
@@ -325,7 +365,7 @@ def _train_stage2(config, data, meta, out, device, log, resume, clock) -> None:
     (out / CACHE_DIR).mkdir(exist_ok=True)
     record = None
     if config.stage2.out_of_fold:
-        record = _out_of_fold_caches(config, data, net, engine, caches["train"], out, device, resume, clock)
+        record = _out_of_fold_caches(run, net, engine, caches["train"])
         net.stage1 = stage1
         meta = meta if record is None else {**meta, "out_of_fold": record}
     pending = [
@@ -339,9 +379,7 @@ def _train_stage2(config, data, meta, out, device, log, resume, clock) -> None:
         cache_stage1_output(net, open_array(pair.image), data.normalization, engine, path, key)
     ddp.barrier()
     save_best = partial(save_model_dir, out, meta, stage1, net, force=True)
-    checkpoint = out / "checkpoint_stage2.pt"
-    phase = None if clock is None else (clock, "stage 2")
-    _fit(2, net, config, data, checkpoint, log, device, resume, save_best, caches, clock=phase)
+    _fit(run, "stage 2", net, out / "checkpoint_stage2.pt", save_best, caches=caches)
     if config.stage2.keep_if_better and ddp.is_main():
         _keep_the_better_stage(out, meta, stage1)
 
@@ -470,10 +508,10 @@ def _train(config: TrainConfig, resume: bool, force: bool, started: float, devic
     budget = config.training.time_budget
     log = TrainLog(out / "train_log.csv", data.split.classes)
     clock = None if budget is None else Deadline(started + BUDGET_USE * budget, plan)
-    phase = None if clock is None else (clock, "stage 1")
-    stage1_changed = 1 in stages and _train_stage1(config, data, meta, out, device, log, resume, phase)
+    run = _Run(config, data, meta, out, device, log, resume, clock)
+    stage1_changed = 1 in stages and _train_stage1(run)
     if 2 in stages:
-        _train_stage2(config, data, meta, out, device, log, resume and not stage1_changed, clock)
+        _train_stage2(replace(run, resume=resume and not stage1_changed))
     if ddp.is_main():
         if clock is None or clock.affords("post-processing"):
             _choose_postprocessing(config, data, out, device)

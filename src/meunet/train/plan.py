@@ -468,7 +468,7 @@ class Plan:
 
 
 def _windows(shapes: list[Shape3], side: int) -> int:
-    engine = SlidingWindow((side,) * 3, 0.5)
+    engine = SlidingWindow((side,) * 3, overlap=0.5)
     return sum(math.prod(len(starts) for starts in engine.grid(shape)) for shape in shapes)
 
 
