@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import re
@@ -42,12 +43,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 
+from meunet.errors import InputError
 from meunet.infer import predict
 from meunet.io import Volume, open_volume, read_volume, write_volume
 from meunet.memory import StepSetting, measure_memory, measure_step
@@ -277,8 +281,9 @@ def train_timed(
     """The equal-memory, equal-time comparison: each configuration is one training command into
     ``work/<config>`` with ``training.time_budget`` of ``budget.minutes`` at its side of ``sides`` (see
     :func:`equal_memory_sides`); a cascade trains its own stage 1, its out-of-fold folds and its stage 2
-    within that time, as ``meunet train --time-budget`` does. Returns {config: (model dir, seconds)}."""
-    runs = {}
+    within that time, as ``meunet train --time-budget`` does. Returns {config: (model dir, seconds)}, or
+    {config: (None, why)} for one whose smallest run does not fit the time (the planner's refusal)."""
+    runs: dict[str, tuple[Path | None, float | str]] = {}
     for name in CONFIGS:
         side = sides[name]["patch"]
         mapping = _mapping(split, budget, name, seed, work / name, device, precision)
@@ -286,7 +291,14 @@ def train_timed(
         mapping["patch"] = {"size": context_side(side) if name == "unet-fov" else side}
         mapping["training"]["time_budget"] = budget.minutes * 60
         start = time.perf_counter()
-        train(parse_config(mapping, f"{name} (seed {seed})"), force=True)
+        try:
+            train(parse_config(mapping, f"{name} (seed {seed})"), force=True)
+        except InputError as exc:
+            if exc.path != "time budget":
+                raise
+            runs[name] = (None, exc.message)
+            print(f"{split.name} seed {seed} {name}: {exc.message}", flush=True)
+            continue
         runs[name] = (work / name, time.perf_counter() - start)
     return runs
 
@@ -344,10 +356,12 @@ def run(
     work: Path,
     device: str,
     precision: str,
+    keep: Callable[[list[dict]], None] = lambda records: None,
 ) -> list[dict]:
-    """Train and evaluate every configuration on every split for ``seeds``; one record per run. With
-    ``budget.minutes``, the equal-memory, equal-time comparison (:func:`equal_memory_sides` per split,
-    :func:`train_timed`)."""
+    """Train and evaluate every configuration on every split for ``seeds``; one record per run, the records
+    so far given to ``keep`` after each seed. With ``budget.minutes``, the equal-memory, equal-time
+    comparison (:func:`equal_memory_sides` per split, :func:`train_timed`); a configuration that cannot
+    train in that time is a record with ``refused`` (why) and no scores."""
     records = []
     for split in splits:
         sides = None
@@ -364,6 +378,14 @@ def run(
             else:
                 trained = train_timed(split, budget, sides, seed, folder, device, precision)
             for name, (model_dir, seconds) in trained.items():
+                if model_dir is None:
+                    nan = [math.nan] * len(split.classes)
+                    records.append({
+                        "data": split.name, "classes": split.classes, "config": name, "seed": seed,
+                        "refused": seconds, "train_seconds": math.nan, "steps": {}, "stage2_kept": False,
+                        **sides[name], "dice": nan, "iou": nan, "predict_voxels_per_second": math.nan,
+                    })  # fmt: skip
+                    continue
                 result = evaluate_model(model_dir, split, folder, device, precision)
                 record = {
                     "data": split.name,
@@ -382,11 +404,14 @@ def run(
                     f"train {seconds:.0f} s, steps {record['steps']}",
                     flush=True,
                 )
+            keep(records)
     return records
 
 
 def _spread(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
+    """Mean and sample standard deviation (0 for one value; NaN for values of runs that did not train)."""
+    if not all(math.isfinite(v) for v in values):
+        return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -410,6 +435,7 @@ def summarize(records: list[dict]) -> dict[tuple[str, str], dict]:
             stages = dict.fromkeys(stage for r in runs for stage in r["steps"])
             entry["steps"] = {st: statistics.fmean(r["steps"].get(st, 0) for r in runs) for st in stages}
             entry["stage2_kept"] = sum(r["stage2_kept"] for r in runs)
+            entry["refused"] = next((r["refused"] for r in runs if "refused" in r), None)
         summary[key] = entry
     return summary
 
@@ -419,10 +445,16 @@ def verdicts(summary: dict[tuple[str, str], dict], data: str) -> str:
     spread (difference larger than the root sum of squares of the two standard deviations)? With one seed
     there is no spread, and the sentence says so."""
     post_mean, post_std = summary[(data, "cascade-post")]["foreground_dice"]
+    refused = summary[(data, "cascade-post")].get("refused")
+    if refused:
+        return f"The cascade with post-concatenation does not train in the time given: {refused}."
     one_seed = summary[(data, "cascade-post")]["seeds"] == 1
     parts = []
     for config in CONFIGS[:-1]:
         mean, std = summary[(data, config)]["foreground_dice"]
+        if not math.isfinite(mean):
+            parts.append(f"cannot be compared with `{config}` (it does not train in the time)")
+            continue
         diff, spread = post_mean - mean, (post_std**2 + std**2) ** 0.5
         if one_seed:
             verdict = "scores above" if diff > 0 else "scores below" if diff < 0 else "ties with"
@@ -467,9 +499,11 @@ def results_table(
         s, step = summary[(data, config)], by_bench[bench_name(config, checkpointing)]
         if timed:
             seeds = s["seeds"]
-            steps = ", ".join(f"{stage} {n:.0f}" for stage, n in s["steps"].items())
+            steps = ", ".join(f"stage {stage}: {n:.0f}" for stage, n in s["steps"].items())
             kept = f" (stage 2 kept {s['stage2_kept']}/{seeds})" if config.startswith("cascade") else ""
             last, activation = steps + kept, s["activation_bytes"]
+            if s["refused"]:
+                last = "does not train in the time: " + s["refused"].split(": ", 1)[-1]
         else:
             peak, activation = step["peak_bytes"], step["activation_bytes"]
             last = "-" if peak is None else f"{peak / 2**20:,.1f}"
@@ -479,12 +513,16 @@ def results_table(
             *(_pm(v) for v in s["dice"][1:]),
             *(_pm(v) for v in s["iou"][1:]),
             _pm(s["foreground_dice"]),
-            f"{s['train_seconds'] / 60:.1f}",
-            f"{s['predict_voxels_per_second'] / 1e6:.2f}",
+            _number(s["train_seconds"] / 60, 1),
+            _number(s["predict_voxels_per_second"] / 1e6, 2),
             f"{activation / 2**20:,.1f}",
             last,
         ])  # fmt: skip
     return Table(header, rows)
+
+
+def _number(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else "-"
 
 
 def _sides(config: str, side: int) -> str:
@@ -729,31 +767,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="paper_table_") as tmp:
         work = args.work or Path(tmp)
         splits = [synthetic_split(work, budget)] if args.data == "synthetic" else real_splits(work)
-        records = run(splits, budget, seeds, work, args.device, args.precision)
-    name = f"{'paper-scale ' if args.paper_scale else ''}{args.data}"
-    if budget.minutes is not None:
-        name += f" at {budget.activation_mib:g} MiB, {budget.minutes:g} min"
-    result = {
-        "name": name,
-        "data": args.data,
-        "command": " ".join([".venv/bin/python benchmarks/paper_table.py", *sys.argv[1:]]),
-        "date": started,
-        "machine": host,
-        "device": args.device,
-        "precision": args.precision,
-        "budget": asdict(budget),
-        "context": budget.context,
-        "meunet_checkpointing": True,
-        "memory": memory,
-        "records": records,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"paper_table_{re.sub(r'[^A-Za-z0-9.-]+', '_', name)}.json"
-    result = merged(result, out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+        name = f"{'paper-scale ' if args.paper_scale else ''}{args.data}"
+        if budget.minutes is not None:
+            name += f" at {budget.activation_mib:g} MiB, {budget.minutes:g} min"
+        out = RESULTS / f"paper_table_{re.sub(r'[^A-Za-z0-9.-]+', '_', name)}.json"
+        result = {
+            "name": name,
+            "data": args.data,
+            "command": " ".join([".venv/bin/python benchmarks/paper_table.py", *sys.argv[1:]]),
+            "date": started,
+            "machine": host,
+            "device": args.device,
+            "precision": args.precision,
+            "budget": asdict(budget),
+            "context": budget.context,
+            "meunet_checkpointing": True,
+            "memory": memory,
+        }
+
+        def keep(records: list[dict]) -> None:  # after every seed, so that a stopped run keeps its seeds
+            nonlocal result
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            with FileLock(f"{out}.lock"):  # another command may be running other seeds of this comparison
+                result = merged({**result, "records": records}, out)
+                tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(result, indent=1) + "\n")
+                os.replace(tmp, out)
+            print(f"wrote {out}", flush=True)
+
+        run(splits, budget, seeds, work, args.device, args.precision, keep)
     records = result["records"]
     summary = summarize(records)
     for data in dict.fromkeys(r["data"] for r in records):
