@@ -14,6 +14,37 @@ def test_version(cli):
     assert __version__ in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--bogus",), "error: meunet: No such option: --bogus"),
+        (("bogus",), "error: meunet: No such command 'bogus'"),
+        (("synth", "fly", "out", "--count", "abc"), "error: meunet synth fly: Invalid value for '--count'"),
+        (("train", "x.yaml", "--nproc", "0"), "error: meunet train: Invalid value for '--nproc'"),
+        (("predict",), "error: meunet predict: Missing argument"),
+        (("info", "a", "b"), "error: meunet info: Got unexpected extra argument"),
+    ],
+)
+def test_a_refused_command_line_is_one_line_and_exit_2(cli, args, message):
+    result = cli(*args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_running_out_of_memory_is_one_line_and_exit_2(cli, tmp_path, monkeypatch):
+    import meunet.synth
+
+    def too_big(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(meunet.synth, "generate_dataset", too_big)
+    result = cli("synth", "fly", tmp_path / "flies", "--shape", "16", "100000", "100000")
+    assert result.exit_code == 2
+    assert (
+        result.stderr.startswith("error: meunet: out of memory") and result.stderr.count("\n") == 1
+    )
+
+
 def _console_script(*args: str, **env: str) -> str:
     """Run the console-script entry point in a fresh process with ``env`` on top of a clean environment."""
     environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | env

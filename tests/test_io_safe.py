@@ -144,3 +144,25 @@ def test_force_false_refuses_existing_output_under_the_lock(tmp_path):
     with pytest.raises(InputError, match="use --force"), atomic_output(path, force=False):
         pass
     assert path.read_text() == "keep"
+
+
+def test_a_raw_output_larger_than_the_free_space_is_refused_before_any_write(tmp_path, monkeypatch):
+    """Raw outputs are sparse until written: the free space is checked when the file is made."""
+    import shutil
+
+    import meunet.io._writer as writer
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    for name in ("out.nii", "out.npy", "out.tif"):
+        with pytest.raises(InputError, match=r"No space left on device: the output needs 0\.1 MiB"):
+            write_volume(tmp_path / name, Volume(np.zeros((8, 100, 100), np.uint8)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nifti_refuses_a_side_its_header_cannot_hold(tmp_path):
+    with pytest.raises(InputError, match=r"at most 32767 voxels per axis, not \(40000, 2, 2\): use \.zarr"):
+        write_volume(tmp_path / "long.nii.gz", Volume(np.zeros((40000, 2, 2), np.uint8)))
+    assert list(tmp_path.iterdir()) == []
+    write_volume(tmp_path / "long.zarr", Volume(np.zeros((40000, 2, 2), np.uint8)))
+    assert open_volume(tmp_path / "long.zarr").array.shape == (40000, 2, 2)

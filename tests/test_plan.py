@@ -229,6 +229,31 @@ def test_plan_bad_input_is_one_line_exit_2_nothing_written(cli, config_file, arg
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [(np.full((32, 32, 32), -1, np.int8), "label value -1 outside the 2 classes"),
+     (np.full((32, 32, 32), 0.5, np.float32), "label values must be integers")],
+)  # fmt: skip
+def test_labels_that_are_not_class_indices_are_one_line_before_the_plan(
+    cli, config_file, tmp_path, labels, message
+):
+    """The planner reads the labels first (class fractions): a bad value is the data checks' one line."""
+    write_volume(tmp_path / "bad.npy", Volume(labels))
+    config = yaml.safe_load(config_file.read_text())
+    config["output"] = str(tmp_path / "model")
+    image = config_file.parent / config["data"]["train"][0]["image"]
+    config["data"]["train"] = [{"image": str(image), "label": str(tmp_path / "bad.npy")}]
+    config["data"]["validation"] = [
+        {k: str(config_file.parent / v) for k, v in config["data"]["validation"][0].items()}
+    ]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    for command in ("plan", "train"):
+        result = cli(command, tmp_path / "bad.yaml", "--time-budget", "1m")
+        assert result.exit_code == 2 and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "model").exists()
+
+
 def test_plan_for_an_absent_gpu_needs_its_memory(cli, config_file):
     result = cli("plan", config_file, "--device", "cuda")
     assert result.exit_code == 2 and "not available on this machine" in result.stderr

@@ -22,11 +22,27 @@ from meunet.allocator import allocator_tunables
 from meunet.errors import Elsewhere, InputError
 from meunet.io import atomic_output, check_new_output, write_json
 
+_USAGE_ERROR = typer.BadParameter.__base__  # typer's own click.UsageError: every refused command line
+
+
+def _refuse_usage(exc: Exception, where: str) -> None:
+    """A command line that click refuses, as one line; exit status 2."""
+    where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else where
+    typer.echo(f"error: {where}: {' '.join(exc.format_message().split())} (see --help)", err=True)
+    raise typer.Exit(2) from None
+
 
 class _Group(TyperGroup):
     """Typer group that reports :class:`InputError` as one line and exit status 2 (under torchrun from one
     process: :func:`meunet.ddp.reports_errors`; the others, and those that stop with :class:`Elsewhere`,
-    exit with status 2 silently)."""
+    exit with status 2 silently); so are a command line that click refuses (an option out of its range, a
+    missing argument) and a run that needs more memory than the machine has."""
+
+    def make_context(self, info_name, args, parent=None, **extra):  # type: ignore[override]
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except _USAGE_ERROR as exc:  # the top level's own options
+            _refuse_usage(exc, info_name or "meunet")
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
@@ -38,6 +54,15 @@ class _Group(TyperGroup):
                 typer.echo(f"error: {exc.path}: {exc.message}", err=True)
             raise typer.Exit(2) from None
         except Elsewhere:
+            raise typer.Exit(2) from None
+        except _USAGE_ERROR as exc:
+            _refuse_usage(exc, ctx.command_path)
+        except MemoryError:
+            typer.echo(
+                f"error: {ctx.command_path}: out of memory: the input or the settings need more memory than "
+                "this machine has (a smaller volume, window or batch)",
+                err=True,
+            )
             raise typer.Exit(2) from None
 
 

@@ -70,6 +70,7 @@ class NiftiWriter(RawWriter):
     """NIfTI-1 writer: header, then raw voxels with ``pwrite``; ``.nii.gz`` is compressed at the end."""
 
     _holds = staticmethod(holds_all_but_float16)
+    max_side = 32767  # NIfTI-1 stores each dimension as a signed 16-bit integer
 
     @property
     def _raw_path(self) -> Path:

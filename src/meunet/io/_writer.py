@@ -10,6 +10,7 @@ belongs to one run at a time: a second writer of the same output stops with one 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -44,6 +45,10 @@ def partial_run(path: str | os.PathLike[str]) -> dict | None:
     return run if isinstance(run, dict) else None
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
 def holds_all_but_float16(dtype: np.dtype) -> bool:
     """``_holds`` for formats without float16 (NIfTI, TIFF with ImageJ or OME metadata, ITK)."""
     return dtype.kind in "iuf" and dtype != np.float16
@@ -63,6 +68,7 @@ class VolumeWriter:
     """
 
     resumable = False  # formats with random-access writes into a file that survives the process
+    max_side: int | None = None  # the most voxels per axis the format's header can hold
 
     def __init__(
         self,
@@ -81,6 +87,12 @@ class VolumeWriter:
         self.resume = resume
         if not self._holds(self.dtype):
             raise InputError(self.path, f"this format cannot hold {self.dtype} voxels")
+        if self.max_side is not None and max(self.shape) > self.max_side:
+            raise InputError(
+                self.path,
+                f"this format holds at most {self.max_side} voxels per axis, not {self.shape}: "
+                "use .zarr or .tif",
+            )
         if resume and not self.resumable:
             raise InputError(self.path, "resuming needs a Zarr, NIfTI, .npy, TIFF or slice-folder output")
         self.partial = partial_folder(self.path)
@@ -266,6 +278,13 @@ class RawWriter(VolumeWriter):
         return self.target
 
     def _create(self) -> dict:
+        free, needed = shutil.disk_usage(self.partial).free, self.geometry.array.nbytes
+        if needed > free:  # the file is sparse until written: say so before any work
+            raise InputError(
+                self.path,
+                f"{os.strerror(errno.ENOSPC)}: the output needs {_mib(needed)}, its file system has "
+                f"{_mib(free)} free",
+            )
         offset = self._header()
         end = offset + self.geometry.array.nbytes
         if self._raw_path.stat().st_size < end:  # TIFF keeps IFDs after the data: never cut a file short

@@ -29,6 +29,7 @@ import yaml
 
 from meunet.baseline import ThresholdBaseline
 from meunet.data.patches import sample_stride, scan_image
+from meunet.data.sampling import check_labels
 from meunet.errors import InputError
 from meunet.infer import SlidingWindow
 from meunet.infer.postprocess import joined_components
@@ -195,7 +196,8 @@ def threshold_dice(image: np.ndarray, labels: np.ndarray, n_classes: int) -> flo
 
 def fingerprint(train: list, validation: list, classes: list[str]) -> Fingerprint:
     """Read every training volume once, slab by slab (``train``, ``validation``: pairs with ``image`` and
-    ``label``; a label whose shape differs from its image's, or non-finite intensities: InputError)."""
+    ``label``; a label whose shape differs from its image's, a label value that is not a class index, or
+    non-finite intensities: InputError)."""
     shapes = [tuple(check_pair(p)[0].array.shape) for p in validation]
     counts = np.zeros(len(classes), dtype=np.int64)
     samples, strides, sides, separability = [], [], {name: [] for name in classes[1:]}, []
@@ -206,8 +208,10 @@ def fingerprint(train: list, validation: list, classes: list[str]) -> Fingerprin
         per_volume = 2_000_000 // len(train) + 1
         samples.append(scan_image(image.array, pair.image, per_volume))
         strides.append(sample_stride(image.array.shape, per_volume))
-        for _, slab in iter_slabs(labels):
-            counts += np.bincount(slab.ravel(), minlength=len(classes))[: len(classes)]
+        for _, slab in iter_slabs(labels):  # labels that are not class indices: the data checks' one line
+            counts += np.bincount(
+                check_labels(slab, len(classes), pair.label).ravel(), minlength=len(classes)
+            )
         for c, name in enumerate(classes[1:], 1):
             sizes = joined_components(labels, c)[2]
             sides[name].extend(np.cbrt(sizes[sizes > 0]).tolist())
