@@ -600,7 +600,7 @@ def results_markdown(runs: list[dict], images: Path) -> str:
     for result in runs:
         budget = result["budget"]
         summary = summarize(result["records"])
-        stem = f"paper_table_{result['name'].replace(' ', '_')}"
+        stem = f"paper_table_{file_name(result['name'])}"
         memory_png = images / f"{stem}_memory.png"
         plot_memory(result["memory"], memory_png)
         checkpointing = "on" if budget["checkpointing"] else "off"
@@ -682,6 +682,11 @@ def training_hours(memory: list[dict], budget: Budget, seeds: int, splits: int) 
     return per_seed * seeds * splits / 3600
 
 
+def file_name(name: str) -> str:
+    """The name as a file name (``synthetic at 100 MiB, 5 min``: ``synthetic_at_100_MiB_5_min``)."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name)
+
+
 def merged(result: dict, path: Path) -> dict:
     """``result`` with the records of an earlier run in ``path`` of the same budget, precision and device
     whose seeds it did not run (a comparison split over several commands; each command's line is kept)."""
@@ -695,7 +700,10 @@ def merged(result: dict, path: Path) -> dict:
     ran = {r["seed"] for r in result["records"]}
     records = [r for r in earlier["records"] if r["seed"] not in ran] + result["records"]
     records.sort(key=lambda r: (r["data"], r["seed"]))
-    join = {k: "; ".join(dict.fromkeys([earlier[k], result[k]])) for k in ("command", "date", "machine")}
+    join = {
+        k: "; ".join(dict.fromkeys([*earlier[k].split("; "), result[k]]))
+        for k in ("command", "date", "machine")
+    }
     return {**result, **join, "records": records, "seeds": len({r["seed"] for r in records})}
 
 
@@ -770,7 +778,7 @@ def main() -> None:
         name = f"{'paper-scale ' if args.paper_scale else ''}{args.data}"
         if budget.minutes is not None:
             name += f" at {budget.activation_mib:g} MiB, {budget.minutes:g} min"
-        out = RESULTS / f"paper_table_{re.sub(r'[^A-Za-z0-9.-]+', '_', name)}.json"
+        out = RESULTS / f"paper_table_{file_name(name)}.json"
         result = {
             "name": name,
             "data": args.data,
