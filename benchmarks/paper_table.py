@@ -24,9 +24,15 @@ Per run: Dice and IoU per class pooled over the test volumes, training wall time
 of the numbers, and ``benchmarks/results/real_vs_threshold.md``, the section of
 ``benchmarks/real_vs_threshold.py``, where they exist).
 
-    .venv/bin/python benchmarks/paper_table.py [--data synthetic|real] [--seeds 3] [--iterations 300]
-        [--validations 2] [--shape Z Y X] [--threads N] [--paper-scale] [--device cpu|cuda]
-        [--precision fp32|bf16] [--work DIR] [--report-only]
+``--budget-mib M --minutes T`` makes it the comparison at equal memory and equal time instead of equal
+steps: each configuration gets the largest local patch whose training step keeps at most M MiB of
+activations (:func:`equal_memory_sides`) and T minutes for its whole ``meunet train --time-budget`` command
+(:func:`train_timed`; a cascade that cannot train in T is a row that says so). ``--first-seed`` runs a part
+of the seeds; parts of one comparison, run one after another or at once, merge into one JSON.
+
+    .venv/bin/python benchmarks/paper_table.py [--data synthetic|real] [--seeds 3] [--first-seed 0]
+        [--iterations 300] [--validations 2] [--budget-mib M --minutes T] [--shape Z Y X] [--threads N]
+        [--paper-scale] [--device cpu|cuda] [--precision fp32|bf16] [--work DIR] [--report-only]
 """
 
 from __future__ import annotations
