@@ -40,9 +40,7 @@ def test_running_out_of_memory_is_one_line_and_exit_2(cli, tmp_path, monkeypatch
     monkeypatch.setattr(meunet.synth, "generate_dataset", too_big)
     result = cli("synth", "fly", tmp_path / "flies", "--shape", "16", "100000", "100000")
     assert result.exit_code == 2
-    assert (
-        result.stderr.startswith("error: meunet: out of memory") and result.stderr.count("\n") == 1
-    )
+    assert result.stderr.startswith("error: meunet: out of memory") and result.stderr.count("\n") == 1
 
 
 def _console_script(*args: str, **env: str) -> str:
