@@ -4,8 +4,10 @@ For one data set, two configurations train side by side with ``meunet train CONF
 process each, ``OMP_NUM_THREADS`` = ``--threads``, so that both see the same machine):
 
 - ``planned``: output, data and class names only (as ``examples/fly_planned.yaml``): every other key planned.
-- ``tuned``: the model, patch, training, augmentation and stage2 sections of ``examples/fly_synth.yaml``
-  (the budget stops it where its 400 steps per stage would not fit).
+- ``tuned`` (``--against tuned``, the default): the model, patch, training, augmentation and stage2 sections
+  of ``examples/fly_synth.yaml`` (the budget stops it where its 400 steps per stage would not fit);
+- ``unet`` (``--against unet``): the planned configuration with ``model.stage1: unet``, a plain U-net in
+  place of the meU-net, everything else planned (whether a CPU plan should use one).
 
 Data: ``--data synthetic-fly``, the synthetic fly set of ``examples/fly_synth.yaml`` (six flies 192 x 96 x
 96, seed 0, the last validating) with two held-out flies of seed 1; ``--data SCAN``, a real label map
@@ -15,7 +17,7 @@ class is pooled over them. Prints a table and merges the record into
 ``benchmarks/results/planned_vs_tuned.json`` (one per data set and budget).
 
     .venv/bin/python benchmarks/planned_vs_tuned.py --data synthetic-fly --time-budget 10m [--threads 1]
-        [--work DIR]
+        [--against tuned|unet] [--work DIR]
 """
 
 from __future__ import annotations
@@ -65,10 +67,19 @@ def scan_data(name: str, work: Path) -> tuple[dict, list[dict], list[str]]:
     return {"train": [pairs["train"]], "validation": [pairs["validation"]]}, [pairs["test"]], meta["classes"]
 
 
-def configs(data: dict, classes: list[str], work: Path) -> dict[str, dict]:
-    """The two configuration mappings, by name."""
-    tuned = yaml.safe_load(TUNED.read_text())
+def configs(data: dict, classes: list[str], work: Path, against: str) -> dict[str, dict]:
+    """The two configuration mappings, by name: ``planned`` and ``against`` (``tuned`` or ``unet``)."""
     planned = {"output": str(work / "planned"), "data": data, "model": {"classes": classes}}
+    if against == "unet":
+        return {
+            "planned": planned,
+            "unet": {
+                **planned,
+                "output": str(work / "unet"),
+                "model": {"classes": classes, "stage1": "unet"},
+            },
+        }
+    tuned = yaml.safe_load(TUNED.read_text())
     hand = {key: tuned[key] for key in TUNED_SECTIONS}
     hand["model"] = {**hand["model"], "classes": classes}
     return {"planned": planned, "tuned": {"output": str(work / "tuned"), "data": data, **hand}}
@@ -139,6 +150,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, choices=["synthetic-fly", *sorted({**SCANS, **DERIVED})])
     parser.add_argument("--time-budget", required=True, help="e.g. 10m")
     parser.add_argument("--threads", type=int, default=1, help="threads of each training command")
+    parser.add_argument("--against", choices=["tuned", "unet"], default="tuned", help="the second config")
     parser.add_argument("--work", type=Path, help="keep the data and models here (default: a temporary one)")
     args = parser.parse_args()
     budget = parse_duration(args.time_budget)
@@ -147,7 +159,7 @@ def main() -> None:
         work = (args.work or Path(tmp)) / args.data
         work.mkdir(parents=True, exist_ok=True)
         data, test, classes = fly_data(work) if args.data == "synthetic-fly" else scan_data(args.data, work)
-        mappings = configs(data, classes, work)
+        mappings = configs(data, classes, work, args.against)
         started = datetime.now().isoformat(timespec="minutes")
         seconds = train_side_by_side(mappings, args.time_budget, args.threads, work)
         results = {}
@@ -175,7 +187,8 @@ def main() -> None:
             f"{name:<9}{r['seconds']:>7.0f}s  {r['mean_foreground']:>8.3f}  {np.round(r['dice'], 3).tolist()}"
         )
     stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    stored[f"{args.data} {args.time_budget}"] = record
+    key = f"{args.data} {args.time_budget}" + ("" if args.against == "tuned" else f" against {args.against}")
+    stored[key] = record
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(stored, indent=1) + "\n")

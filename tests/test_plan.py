@@ -17,6 +17,7 @@ from meunet.io import Volume, write_volume
 from meunet.models import PAPER_WIDTHS
 from meunet.train import load_config, parse_config, train
 from meunet.train.config import VolumePair, parse_duration
+from meunet.train.loop import PhaseClock
 from meunet.train.plan import (
     CPU_WIDTHS,
     MEMORY_FRACTION,
@@ -292,12 +293,27 @@ def test_a_time_budget_stops_training_and_keeps_a_validated_model(config_file, t
     assert rows and int(rows[-1].split(",")[1]) <= planned["training.max_iterations"]["value"]
 
 
+def test_a_budgeted_stage_plans_its_steps_again_from_the_measured_speed(config_file, tmp_path, monkeypatch):
+    import meunet.train.pipeline as pipeline
+
+    # a calibration far slower than the tiny network: the plan's few steps would end the run early
+    monkeypatch.setattr(pipeline, "calibrate", lambda spec, device: Timing((0.2, 0.2), (0.01, 0.01)))
+    values = yaml.safe_load(config_file.read_text())
+    values["output"] = str(tmp_path / "model")
+    values["training"]["time_budget"] = "20s"
+    train(parse_config(values, "tiny.yaml", config_file.parent), started=time.monotonic())
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    planned = meta["plan"]["keys"]["training.max_iterations"]["value"]
+    rows = (tmp_path / "model" / "train_log.csv").read_text().splitlines()[1:]
+    assert int(rows[-1].split(",")[1]) > 2 * planned
+
+
 def test_a_stage_past_its_deadline_validates_and_stops(config_file, tmp_path, monkeypatch):
     import meunet.train.pipeline as pipeline
 
     run = pipeline.StageTrainer.run
     monkeypatch.setattr(
-        pipeline.StageTrainer, "run", lambda self, resume, *a: run(self, resume, time.monotonic())
+        pipeline.StageTrainer, "run", lambda self, resume, *a: run(self, resume, PhaseClock(time.monotonic()))
     )
     values = yaml.safe_load(config_file.read_text())
     values["output"] = str(tmp_path / "model")

@@ -267,11 +267,43 @@ class RankRows:
         return self.steps * ddp.share(self.batch)[1]
 
 
-def iteration_limit(config: TrainConfig, kept_patches: int) -> int:
-    """Iterations allowed: ``max_iterations``, or ``max_epochs`` passes over the kept patches if fewer."""
+def iteration_limit(config: TrainConfig, kept_patches: int, *, epochs_only: bool = False) -> int:
+    """Iterations allowed: ``max_iterations``, or ``max_epochs`` passes over the kept patches if fewer
+    (``epochs_only``: the epoch limit alone)."""
     training = config.training
     by_epochs = math.ceil(training.max_epochs * kept_patches / training.batch_size)
-    return min(by_epochs, training.max_iterations or by_epochs)
+    return by_epochs if epochs_only else min(by_epochs, training.max_iterations or by_epochs)
+
+
+@dataclass(frozen=True)
+class PhaseClock:
+    """The time one phase of a time-budgeted run has.
+
+    Attributes:
+        end: ``time.monotonic()`` by which the phase must have ended: it validates and stops at the step
+            after which one more step and one more validation (as long as the last) would pass it.
+        validation_seconds: how long a validation is expected to take until one has been timed.
+        stretch: the iterations were planned to fill the time; at each validation they are planned again
+            from the measured step and validation times (:func:`steps_to_fill`), within the epoch limit,
+            so that an estimate tens of percent off neither ends the phase early nor late.
+    """
+
+    end: float
+    validation_seconds: float = 0.0
+    stretch: bool = False
+
+
+def steps_to_fill(seconds: float, step_seconds: float, validation_seconds: float, every: int) -> int:
+    """Optimiser steps that fit in ``seconds`` at ``step_seconds`` each, with a validation of
+    ``validation_seconds`` after every ``every`` steps and one after the last.
+
+    >>> steps_to_fill(100.0, 1.0, 10.0, 10)  # 45 steps and 5 validations: 95 s
+    45
+    >>> steps_to_fill(5.0, 1.0, 10.0, 10)
+    0
+    """
+    per_step = step_seconds + validation_seconds / every
+    return max(0, math.floor((seconds - validation_seconds) / per_step))
 
 
 class StageTrainer:
@@ -408,15 +440,13 @@ class StageTrainer:
             },
         )
 
-    def run(self, resume: bool, deadline: float | None = None, validation_seconds: float = 0.0) -> int:
-        """Train until the iteration limit, early stop or ``deadline``; returns the optimiser steps taken in
-        this call (0 when the stage had already finished).
+    def run(self, resume: bool, clock: PhaseClock | None = None) -> int:
+        """Train until the iteration limit, early stop or the end of ``clock``; returns the optimiser steps
+        taken in this call (0 when the stage had already finished).
 
         Args:
             resume: continue from the checkpoint if it exists (see :meth:`restore`).
-            deadline: ``time.monotonic()`` by which the stage must have ended: it validates and stops at the
-                step after which one more step and one more validation (as long as the last) would pass it.
-            validation_seconds: how long a validation is expected to take until one has been timed.
+            clock: the time this stage has in a time-budgeted run.
         """
         self.restore(resume)
         progress, stage, batch_size = self.progress, self.stage, self.config.training.batch_size
@@ -424,12 +454,15 @@ class StageTrainer:
             return 0  # a finished stage leaves the log alone (a later stage's rows are kept)
         self.log.keep_until(stage.number, progress.iteration)
         first = progress.iteration
+        stretch = clock is not None and clock.stretch
+        validation_seconds = 0.0 if clock is None else clock.validation_seconds
+        limit = iteration_limit(self.config, len(stage.dataset), epochs_only=True) if stretch else self.total
         model = ddp.distribute(stage.net, self.device)
         every = self.config.training.validate_every or math.ceil(len(stage.dataset) / batch_size)
         loader = torch.utils.data.DataLoader(
             stage.dataset,
             batch_size=ddp.share(batch_size)[1],
-            sampler=RankRows(progress.position, self.total - progress.iteration, batch_size),
+            sampler=RankRows(progress.position, limit - progress.iteration, batch_size),
             num_workers=self.config.training.workers,
             pin_memory=self.device.type == "cuda",
         )
@@ -451,27 +484,30 @@ class StageTrainer:
             bar.update()
             bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
             now = time.perf_counter()
-            late = (
-                deadline is not None
-                and time.monotonic() + (now - interval) / steps + validation_seconds > deadline
-            )
+            step_seconds = (now - interval) / steps
+            late = clock is not None and time.monotonic() + step_seconds + validation_seconds > clock.end
             if progress.iteration % every and progress.iteration < self.total and not late:
                 continue
-            speed = steps / (now - interval)
             dice, score = self.validate(steps * batch_size)
             validation_seconds = time.perf_counter() - now
             progress.seconds = time.perf_counter() - started
             row = {k: v / steps for k, v in sums.items()}
             row.update(stage=stage.number, iteration=progress.iteration, seconds=progress.seconds)
             row.update(
-                it_per_s=speed, epoch=progress.position / len(stage.dataset), mean_foreground_dice=score
+                it_per_s=1 / step_seconds,
+                epoch=progress.position / len(stage.dataset),
+                mean_foreground_dice=score,
             )
+            if stretch and not late:
+                left = clock.end - time.monotonic()
+                fill = steps_to_fill(left, step_seconds, validation_seconds, every)
+                self.total = bar.total = min(limit, progress.iteration + fill)
             if ddp.is_main():
                 self.log.append(row, dice)
                 self.save_checkpoint()
             sums, steps, interval = {}, 0, time.perf_counter()
             bar.set_postfix(loss=f"{row['loss']:.4f}", dice=f"{score:.3f}")
-            if progress.stopped_early or late:
+            if progress.stopped_early or late or progress.iteration >= self.total:
                 break
         bar.close()
         ddp.barrier()  # rank 0's model directory and checkpoint are complete before any process reads them

@@ -195,9 +195,9 @@ def _fit(
     the number of steps taken."""
     config, log, data, device = config or run.config, log or run.log, run.data, run.device
     number = 2 if phase == "stage 2" else 1
-    deadline, validation = None, 0.0
+    clock = None
     if run.clock is not None:
-        config, deadline, validation = run.clock.start(phase, config)
+        config, clock = run.clock.start(phase, config)
     n_classes, norm = len(data.split.classes), data.normalization
     index = data.index if index is None else index
     meunet_stage1 = caches is None and isinstance(net, MeUNet)
@@ -231,7 +231,7 @@ def _fit(
     stage = Stage(number, net, dataset, losses, validate, save_best)
     augment = _augment(config, data)
     trainer = StageTrainer(stage, config, checkpoint, log, device, augment)
-    return trainer.run(run.resume, deadline, validation)
+    return trainer.run(run.resume, clock)
 
 
 def _stage1_net(config: TrainConfig, n_classes: int, device: torch.device, seed: int) -> torch.nn.Module:

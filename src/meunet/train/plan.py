@@ -40,6 +40,7 @@ from meunet.models import PAPER_WIDTHS, Cascade, MeUNet, UNet3D
 from meunet.precision import autocast_dtype, cpu_has_bf16
 from meunet.train.config import ModelConfig, TrainConfig
 from meunet.train.data import check_pair
+from meunet.train.loop import PhaseClock
 from meunet.train.loss import wd_loss
 
 Shape3 = tuple[int, int, int]
@@ -862,9 +863,9 @@ class Deadline:
         self.began: float | None = None
         self.done = 0.0
 
-    def start(self, name: str, config: TrainConfig) -> tuple[TrainConfig, float, float]:
-        """``(config, deadline, validation)`` of phase ``name``: its iterations scaled (where planned), the
-        ``time.monotonic()`` by which it must end, and how long a validation is expected to take."""
+    def start(self, name: str, config: TrainConfig) -> tuple[TrainConfig, PhaseClock]:
+        """``(config, clock)`` of phase ``name``: its iterations scaled (where planned), and the time it has
+        (stretched at its validations where the iterations were planned)."""
         now = time.monotonic()
         self.began = now if self.began is None else self.began
         slowness = self._slowness(now)
@@ -882,7 +883,8 @@ class Deadline:
                 every = math.ceil(steps / math.ceil(t.max_iterations / t.validate_every))
             training = t.model_copy(update={"max_iterations": steps, "validate_every": every})
             config = config.model_copy(update={"training": training})
-        return config, now + allowed, self.validation.get(name, 0.0) * slowness
+        validation = self.validation.get(name, 0.0) * slowness
+        return config, PhaseClock(now + allowed, validation, self.scale_iterations and share > 0)
 
     def affords(self, name: str) -> bool:
         """Whether phase ``name`` (not yet started) fits before the end at the speed the run has had."""
