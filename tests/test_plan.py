@@ -65,6 +65,14 @@ def test_12_gb_gpu_gets_the_largest_smaller_pair_that_fits_on_the_meta_device():
     assert max(peak_bytes(s, _spec(plan, side + 16)) for s in (1, 2)) > budget
 
 
+@pytest.mark.parametrize("gib", [12, 24, 80])
+def test_every_gpu_plan_of_paper_size_volumes_fits_its_memory_on_the_meta_device(gib):
+    plan = plan_run(PAPER_DATA, _gpu(gib), {})
+    peaks = [peak_bytes(s, _spec(plan, plan.value("patch.size"))) for s in (1, 2)]
+    assert 0 < max(peaks) <= MEMORY_FRACTION * gib * GIB
+    assert plan.window >= plan.value("patch.size")
+
+
 def test_two_core_cpu_gets_a_narrow_network_and_small_patches():
     cpu = DeviceInfo("cpu", "cpu", 8 * GIB, 2, False, present=False)
     plan = plan_run(FLY_DATA, cpu, {}, budget=parse_duration("30m"))
