@@ -23,6 +23,7 @@ class is pooled over them. Prints a table and merges the record into
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -127,12 +128,18 @@ def score(model: Path, test: list[dict], n_classes: int, work: Path) -> list[flo
 
 
 def describe(model: Path) -> dict:
-    """What the run kept: stage 2 or not, the steps per stage, the planned keys (where planned)."""
+    """What the run kept: stage 2 or not, the steps each stage took (its training log), the configuration
+    trained (``max_iterations`` as planned at the start; a budgeted phase plans its steps again as it goes),
+    the planned keys (where planned)."""
     meta = json.loads((model / "model.json").read_text())
     plan = meta.get("plan", {}).get("keys", {})
     config = meta["train_config"]
+    steps: dict[str, int] = {}
+    for row in csv.DictReader((model / "train_log.csv").open()):
+        steps[row["stage"]] = max(steps.get(row["stage"], 0), int(row["iteration"]))
     return {
         "stage2_kept": (model / "stage2.pt").exists(),
+        "steps": steps,
         "trained": {
             "widths": config["model"]["widths"],
             "norm": config["model"]["norm"],

@@ -70,7 +70,7 @@ def test_index_over_volumes_sums_kept_counts():
     assert set(index.volume.tolist()) == {0}  # the empty volume contributes nothing with keep 0
     _, counts = patch_class_counts(vols[0], 3, (16, 16, 16), (8, 8, 8), "a")
     assert np.array_equal(index.class_counts, counts.sum(0))
-    with pytest.raises(InputError, match="background"):
+    with pytest.raises(InputError, match=r"every training patch \(16x16x16\) is at least 98% background"):
         build_index(vols[1:], ["b"], 3, (16, 16, 16), (8, 8, 8), 0.98, 0.0, seed=3)
 
 

@@ -14,7 +14,7 @@ import yaml
 import zarr
 
 from meunet.errors import InputError
-from meunet.io import Volume, write_volume
+from meunet.io import Volume, read_volume, write_volume
 from meunet.models import load_model_dir
 from meunet.train import parse_config, train
 
@@ -448,9 +448,22 @@ def test_training_images_of_one_value_are_one_line_and_nothing_is_written(volume
 
 
 def test_a_class_no_training_patch_holds_is_said_before_training(volumes, tmp_path, capfd):
-    write_volume(tmp_path / "empty.npy", Volume(np.zeros((32, 32, 32), np.uint8)))
+    labels = np.asarray(read_volume(volumes / "lab0.npy").array)
+    write_volume(tmp_path / "no_core.npy", Volume(np.minimum(labels, 1).astype(np.uint8)))
     config = _config(volumes, tmp_path / "out", **{"training.max_iterations": 1})
-    config["data"]["train"] = [{"image": str(volumes / "img0.npy"), "label": str(tmp_path / "empty.npy")}]
+    config["data"]["train"] = [{"image": str(volumes / "img0.npy"), "label": str(tmp_path / "no_core.npy")}]
     train(parse_config(config, "cfg"))
     lines = capfd.readouterr().err.splitlines()
-    assert "meunet train: no training patch holds ball, core: the model cannot learn to label them" in lines
+    assert "meunet train: no training patch holds core: the model cannot learn to label it" in lines
+
+
+def test_training_labels_without_any_foreground_are_one_line_and_nothing_is_written(volumes, tmp_path):
+    write_volume(tmp_path / "empty.npy", Volume(np.zeros((32, 32, 32), np.uint8)))
+    config = _config(volumes, tmp_path / "out")
+    config["data"]["train"] = [{"image": str(volumes / "img0.npy"), "label": str(tmp_path / "empty.npy")}]
+    with pytest.raises(InputError) as info:
+        train(parse_config(config, "cfg"))
+    assert (
+        str(info.value) == f"{tmp_path / 'empty.npy'}: no training patch holds ball, core: nothing to learn"
+    )
+    assert not (tmp_path / "out").exists()

@@ -170,7 +170,12 @@ def build_index(
         counts.append(patch_counts[kept])
     index = PatchIndex(*(np.concatenate(parts) for parts in (volumes, starts, counts)))
     if len(index) == 0:
-        raise InputError(paths[0], "every training patch is background; nothing to train on")
+        side = "x".join(map(str, patch))
+        raise InputError(
+            paths[0],
+            f"every training patch ({side}) is at least {threshold:.0%} background"
+            " (patch.background_threshold) and none was kept: nothing to train on",
+        )
     return index
 
 

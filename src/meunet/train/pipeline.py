@@ -540,6 +540,9 @@ def _prepare(config: TrainConfig, resume: bool, force: bool, started: float, dev
     stages = {"1": [1], "2": [2], "both": [1, 2]}[config.stages]  # the plan may train stage 1 alone
     data = prepare_data(config, split)
     absent = [name for name, n in zip(split.classes, data.index.class_counts, strict=True) if n == 0]
+    if set(split.classes[1:]) <= set(absent):
+        where = split.train[0].label if len(split.train) == 1 else "data.train"
+        raise InputError(where, f"no training patch holds {', '.join(split.classes[1:])}: nothing to learn")
     if absent:
         them = "it" if len(absent) == 1 else "them"
         _say(f"no training patch holds {', '.join(absent)}: the model cannot learn to label {them}")
