@@ -344,6 +344,23 @@ def test_an_output_that_is_an_input_or_another_output_is_refused_even_with_force
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_an_output_in_a_folder_that_does_not_exist_is_one_line_before_any_work(cli, models, tmp_path):
+    image = _image(tmp_path / "image.npy")
+    truth = _image(tmp_path / "truth.npy")
+    missing = tmp_path / "missing"
+    cases = [
+        ("predict", models["single"], image, tmp_path / "a.npy", "--stats-json", missing / "s.json"),
+        ("predict", models["single"], image, tmp_path / "a.zarr", "--probabilities", missing / "p.zarr"),
+        ("evaluate", truth, truth, "--json", missing / "e.json"),
+    ]
+    for args in cases:
+        result = cli(*args, "--no-progress" if args[0] == "predict" else "--force")
+        assert (
+            result.exit_code == 2 and result.stderr == f"error: {missing}: the output folder does not exist\n"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.npy", "truth.npy"]
+
+
 def test_probabilities_keep_the_inputs_geometry(models, tmp_path):
     image = _image(tmp_path / "image.nii.gz")
     predict(models["single"], image, tmp_path / "l.npy", probabilities=tmp_path / "p.zarr", progress=False)

@@ -226,7 +226,8 @@ def predict_distributed(
     for _, target in pairs:
         if not target.name.endswith(".zarr"):
             raise InputError(target, "distributed prediction writes OME-Zarr: give an output ending in .zarr")
-    check_outputs([o for _, o in pairs] + [stats_json], force, inputs=[i for i, _ in pairs])
+    outputs = [o for _, o in pairs] + [stats_json]
+    check_outputs(outputs, force, inputs=[i for i, _ in pairs], new_folder=output)
     volumes = [open_volume(i) for i, _ in pairs]
     windows = [
         _window(checked, volume, target, chunks, block, scheduler, resume, force) for (_, target), volume

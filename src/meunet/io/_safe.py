@@ -46,13 +46,16 @@ def check_outputs(
     outputs: Iterable[str | PathLike[str] | None],
     force: bool,
     inputs: Iterable[str | PathLike[str] | None] = (),
+    new_folder: str | PathLike[str] | None = None,
 ) -> None:
     """:func:`check_new_output` for each output given (None: not asked for), after checking that no output
     is an input or another output of the same command (refused even with ``force``: writing it would
-    destroy what is being read, or one output would overwrite the other).
+    destroy what is being read, or one output would overwrite the other), and that its folder exists (or is
+    ``new_folder``, which the command creates, in an existing folder).
 
     Raises:
-        InputError: an output that is an input or given twice, or that exists without ``force``.
+        InputError: an output that is an input or given twice, that exists without ``force``, or whose
+            folder does not exist.
 
     >>> check_outputs(["labels.nii.gz", "labels.nii.gz"], force=True)
     Traceback (most recent call last):
@@ -68,6 +71,11 @@ def check_outputs(
             raise InputError(path, "given for two outputs of one command; give each its own name")
         written.add(resolved)
         check_new_output(path, force)
+        folder = resolved.parent
+        if new_folder is not None and folder == Path(new_folder).resolve():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise InputError(Path(path).parent, "the output folder does not exist")
 
 
 def user_error(path: str | PathLike[str], exc: OSError) -> InputError | None:
@@ -82,10 +90,12 @@ def output_lock(path: str | PathLike[str]) -> Iterator[None]:
     """Hold an exclusive lock on the output ``path`` (file ``.<name>.lock`` beside it, removed at the end).
 
     Raises:
-        InputError: another process (or another writer in this one) holds the lock, or the folder cannot
-            take the lock file (read-only, full, no permission).
+        InputError: another process (or another writer in this one) holds the lock, or the folder does not
+            exist (the lock would create it) or cannot take the lock file (read-only, full, no permission).
     """
     path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(path.parent, "the output folder does not exist")
     lock_path = path.parent / f".{path.name}.lock"
     lock = FileLock(lock_path, timeout=0, thread_local=False)
     try:
