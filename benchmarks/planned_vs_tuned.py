@@ -7,7 +7,8 @@ process each, ``OMP_NUM_THREADS`` = ``--threads``, so that both see the same mac
 - ``tuned`` (``--against tuned``, the default): the model, patch, training, augmentation and stage2 sections
   of ``examples/fly_synth.yaml`` (the budget stops it where its 400 steps per stage would not fit);
 - ``unet`` (``--against unet``): the planned configuration with ``model.stage1: unet``, a plain U-net in
-  place of the meU-net, everything else planned (whether a CPU plan should use one).
+  place of the meU-net, everything else planned (whether a CPU plan should use one); ``--against
+  unet-stage1`` also sets ``stages: 1`` (the plain U-net alone, no cascade).
 
 Data: ``--data synthetic-fly``, the synthetic fly set of ``examples/fly_synth.yaml`` (six flies 192 x 96 x
 96, seed 0, the last validating) with two held-out flies of seed 1; ``--data SCAN``, a real label map
@@ -17,7 +18,7 @@ class is pooled over them. Prints a table and merges the record into
 ``benchmarks/results/planned_vs_tuned.json`` (one per data set and budget).
 
     .venv/bin/python benchmarks/planned_vs_tuned.py --data synthetic-fly --time-budget 10m [--threads 1]
-        [--against tuned|unet] [--work DIR]
+        [--against tuned|unet|unet-stage1] [--work DIR]
 """
 
 from __future__ import annotations
@@ -69,16 +70,14 @@ def scan_data(name: str, work: Path) -> tuple[dict, list[dict], list[str]]:
 
 
 def configs(data: dict, classes: list[str], work: Path, against: str) -> dict[str, dict]:
-    """The two configuration mappings, by name: ``planned`` and ``against`` (``tuned`` or ``unet``)."""
+    """The two configuration mappings, by name: ``planned`` and ``against`` (``tuned``, ``unet`` or
+    ``unet-stage1``)."""
     planned = {"output": str(work / "planned"), "data": data, "model": {"classes": classes}}
-    if against == "unet":
+    if against.startswith("unet"):
+        unet = {**planned, "output": str(work / against), "model": {"classes": classes, "stage1": "unet"}}
         return {
             "planned": planned,
-            "unet": {
-                **planned,
-                "output": str(work / "unet"),
-                "model": {"classes": classes, "stage1": "unet"},
-            },
+            against: {**unet, **({"stages": "1"} if against == "unet-stage1" else {})},
         }
     tuned = yaml.safe_load(TUNED.read_text())
     hand = {key: tuned[key] for key in TUNED_SECTIONS}
@@ -157,7 +156,9 @@ def main() -> None:
     parser.add_argument("--data", required=True, choices=["synthetic-fly", *sorted({**SCANS, **DERIVED})])
     parser.add_argument("--time-budget", required=True, help="e.g. 10m")
     parser.add_argument("--threads", type=int, default=1, help="threads of each training command")
-    parser.add_argument("--against", choices=["tuned", "unet"], default="tuned", help="the second config")
+    parser.add_argument(
+        "--against", choices=["tuned", "unet", "unet-stage1"], default="tuned", help="the second config"
+    )
     parser.add_argument("--work", type=Path, help="keep the data and models here (default: a temporary one)")
     args = parser.parse_args()
     budget = parse_duration(args.time_budget)
@@ -188,11 +189,10 @@ def main() -> None:
         "configs": results,
     }
     print(f"\n{args.data}, budget {args.time_budget}, {args.threads} thread(s) each")
-    print(f"{'config':<9}{'wall':>8}  {'mean fg':>8}  Dice per class")
+    print(f"{'config':<12}{'wall':>8}  {'mean fg':>8}  Dice per class")
     for name, r in results.items():
-        print(
-            f"{name:<9}{r['seconds']:>7.0f}s  {r['mean_foreground']:>8.3f}  {np.round(r['dice'], 3).tolist()}"
-        )
+        dice = np.round(r["dice"], 3).tolist()
+        print(f"{name:<12}{r['seconds']:>7.0f}s  {r['mean_foreground']:>8.3f}  {dice}")
     stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     key = f"{args.data} {args.time_budget}" + ("" if args.against == "tuned" else f" against {args.against}")
     stored[key] = record
