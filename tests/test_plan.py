@@ -52,6 +52,7 @@ def test_80_gb_gpu_gets_the_papers_recipe():
     assert plan.value("training.batch_size") == 4
     assert plan.value("model.widths") == list(PAPER_WIDTHS)
     assert plan.value("model.checkpointing") is True and plan.value("precision") == "bf16"
+    assert plan.value("model.stage1") == "meunet"
     assert plan.stages["stage 1"]["peak_bytes"] <= MEMORY_FRACTION * 80 * GIB
     assert all(why for _, why in plan.keys.values())
 
@@ -79,6 +80,9 @@ def test_two_core_cpu_gets_a_narrow_network_and_small_patches():
     assert plan.value("model.widths") == list(CPU_WIDTHS)
     assert plan.value("patch.size") == 32 and plan.value("training.batch_size") == 4
     assert plan.value("model.checkpointing") is False and plan.value("training.workers") == 0
+    # time, not memory, bounds a CPU: the faster plain U-net alone (measured in docs/results.md)
+    assert plan.value("model.stage1") == "unet" and plan.value("stages") == "1"
+    assert "no cascade has beaten" in plan.keys["stages"][1]
     assert plan.value("precision") == "fp32"
     assert plan.seconds <= parse_duration("30m")
     assert plan.value("training.max_iterations") >= 20

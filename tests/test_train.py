@@ -46,6 +46,7 @@ def _config(volumes: Path, output: Path, **overrides) -> dict:
         "stages": 1,
         "model": {
             "classes": ["background", "ball", "core"],
+            "stage1": "meunet",  # the method (a CPU plan would choose a plain U-net)
             "widths": [2, 4, 4, 4, 4],
             "norm": "batch",  # instance norm needs patches of 32 and more
             "checkpointing": False,

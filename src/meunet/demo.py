@@ -87,6 +87,7 @@ def train_mapping(out: Path, dataset: Path, settings: DemoSettings, progress: bo
         "data": {"train": pairs[:-1], "validation": pairs[-1:]},
         "model": {
             "classes": meta["classes"],
+            "stage1": "meunet",  # the method, which a CPU plan would replace by a plain U-net
             "widths": list(settings.widths),
             "checkpointing": False,
         },
