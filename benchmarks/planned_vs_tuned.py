@@ -8,7 +8,8 @@ process each, ``OMP_NUM_THREADS`` = ``--threads``, so that both see the same mac
   of ``examples/fly_synth.yaml`` (the budget stops it where its 400 steps per stage would not fit);
 - ``unet`` (``--against unet``): the planned configuration with ``model.stage1: unet``, a plain U-net in
   place of the meU-net, everything else planned (whether a CPU plan should use one); ``--against
-  unet-stage1`` also sets ``stages: 1`` (the plain U-net alone, no cascade).
+  unet-stage1`` also sets ``stages: 1`` (the plain U-net alone, no cascade); ``--against meunet`` sets
+  ``model.stage1: meunet`` (since a CPU plan chooses the plain U-net, the meU-net against it).
 
 Data: ``--data synthetic-fly``, the synthetic fly set of ``examples/fly_synth.yaml`` (six flies 192 x 96 x
 96, seed 0, the last validating) with two held-out flies of seed 1; ``--data SCAN``, a real label map
@@ -18,7 +19,7 @@ class is pooled over them. Prints a table and merges the record into
 ``benchmarks/results/planned_vs_tuned.json`` (one per data set and budget).
 
     .venv/bin/python benchmarks/planned_vs_tuned.py --data synthetic-fly --time-budget 10m [--threads 1]
-        [--against tuned|unet|unet-stage1] [--work DIR]
+        [--against tuned|unet|unet-stage1|meunet] [--work DIR]
 """
 
 from __future__ import annotations
@@ -70,14 +71,15 @@ def scan_data(name: str, work: Path) -> tuple[dict, list[dict], list[str]]:
 
 
 def configs(data: dict, classes: list[str], work: Path, against: str) -> dict[str, dict]:
-    """The two configuration mappings, by name: ``planned`` and ``against`` (``tuned``, ``unet`` or
-    ``unet-stage1``)."""
+    """The two configuration mappings, by name: ``planned`` and ``against`` (``tuned``, ``unet``,
+    ``unet-stage1`` or ``meunet``)."""
     planned = {"output": str(work / "planned"), "data": data, "model": {"classes": classes}}
-    if against.startswith("unet"):
-        unet = {**planned, "output": str(work / against), "model": {"classes": classes, "stage1": "unet"}}
+    if against != "tuned":
+        network = "meunet" if against == "meunet" else "unet"
+        variant = {**planned, "output": str(work / against), "model": {"classes": classes, "stage1": network}}
         return {
             "planned": planned,
-            against: {**unet, **({"stages": "1"} if against == "unet-stage1" else {})},
+            against: {**variant, **({"stages": "1"} if against == "unet-stage1" else {})},
         }
     tuned = yaml.safe_load(TUNED.read_text())
     hand = {key: tuned[key] for key in TUNED_SECTIONS}
@@ -157,7 +159,10 @@ def main() -> None:
     parser.add_argument("--time-budget", required=True, help="e.g. 10m")
     parser.add_argument("--threads", type=int, default=1, help="threads of each training command")
     parser.add_argument(
-        "--against", choices=["tuned", "unet", "unet-stage1"], default="tuned", help="the second config"
+        "--against",
+        choices=["tuned", "unet", "unet-stage1", "meunet"],
+        default="tuned",
+        help="the second config",
     )
     parser.add_argument("--work", type=Path, help="keep the data and models here (default: a temporary one)")
     args = parser.parse_args()
