@@ -13,6 +13,7 @@ from meunet.metrics import evaluate
 from meunet.models import context_side, stage1_fill
 from meunet.synth import generate_dataset
 from meunet.train import train
+from meunet.train.loop import learning_rate, steps_to_fill
 from meunet.train.plan import flat_shares, threshold_dice
 from test_infer_predict import _image, _model_dir
 from test_infer_window import _one_torch_thread  # noqa: F401 (autouse fixture: one torch thread here too)
@@ -34,6 +35,8 @@ EXAMPLES = [
     sample_stride,
     flat_shares,
     threshold_dice,
+    learning_rate,
+    steps_to_fill,
     meunet.precision,
 ]
 
