@@ -484,8 +484,8 @@ def choose_sizes(data: Fingerprint, device: DeviceInfo, fixed: dict[str, Any]) -
     GPU: the paper's widths, checkpointing, a meU-net stage 1, batch 4 and the largest local side of
     :data:`GPU_SIDES` whose steps (both stages) fit :data:`MEMORY_FRACTION` of the memory (then batch 2, 1).
     CPU: the narrow network of :data:`CPU_WIDTHS`, no checkpointing, a plain U-net stage 1, patch 32,
-    batch 4. Both: batch norm where at least
-    :data:`FLAT_SHARE` of the context windows are flat, instance norm elsewhere.
+    batch 4. Both: batch norm where at least :data:`FLAT_SHARE` of the context windows are flat, instance
+    norm elsewhere.
 
     Raises:
         InputError: no plan fits the memory (the message says what the smallest needs).
