@@ -97,8 +97,6 @@ def export(
     check_outputs([output], force, inputs=[model_dir, *model_files(model_dir)])
     if fmt == "bioimageio" and output.suffix != ".zip":
         raise InputError(output, "a BioImage Model Zoo package is a .zip file: give a name ending in .zip")
-    if not output.parent.is_dir():
-        raise InputError(output.parent, "the output folder does not exist")
     bundle = load_model_dir(model_dir)
     meta = bundle.meta
     normalization = Normalization.from_dict(meta["normalization"])

@@ -525,7 +525,7 @@ def choose_sizes(data: Fingerprint, device: DeviceInfo, fixed: dict[str, Any]) -
         "the meU-net: its context costs little memory, which is what bounds a GPU (the paper's)"
         if gpu
         else "a plain U-net: time bounds a CPU, and at equal time it trains 1.6x the meU-net's steps (no "
-        "context pass) and scored higher held-out Dice on every data set measured (docs/results.md)",
+        "context pass) and scored at least as well on every data set measured (docs/results.md)",
     )
     largest = max(16, 16 * (max(min(s) for s in data.train_shapes) // 16))
     sides = [s for s in (GPU_SIDES if gpu else (CPU_SIDE,)) if s <= largest] or [min(GPU_SIDES)]
