@@ -173,6 +173,13 @@ def test_bad_inputs_are_input_errors(models, tmp_path):
     assert not (tmp_path / "a.npy").exists()
 
 
+def test_the_device_auto_by_default_is_cuda_where_there_is_one_and_the_cpu_elsewhere(monkeypatch):
+    assert PredictSettings().device == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert PredictSettings().device == "cuda"
+    assert PredictSettings(device="cpu").device == "cpu"
+
+
 def test_memory_estimate_above_available_stops(models, tmp_path, monkeypatch):
     class Tiny:
         available = 1000

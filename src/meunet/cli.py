@@ -397,7 +397,8 @@ def train_command(
 
     loaded = _budgeted(config, time_budget)
     if nproc > 1:
-        from meunet.train.pipeline import check_distributed, resolve_device
+        from meunet.precision import resolve_device
+        from meunet.train.pipeline import check_distributed
 
         if ddp.launched():
             raise InputError("--nproc", "under torchrun already: give torchrun the processes alone")
@@ -444,7 +445,9 @@ def predict_command(
         "(default: 90 % of the available memory).",
     ),
     batch: int = typer.Option(1, "--batch", min=1, help="Windows per forward pass."),
-    device: str = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:1, mps ..."),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (CUDA, else MPS, else the CPU), cpu, cuda, cuda:1, mps ..."
+    ),
     precision: str = typer.Option(
         "auto", "--precision", help="auto (bf16 where the hardware has it, else fp32), fp32, bf16, fp16."
     ),

@@ -1,4 +1,5 @@
-"""Numeric precision of forward passes: ``fp32``, ``bf16`` or ``fp16`` autocast, and ``auto``.
+"""What the hardware computes with: the device (``auto``: :func:`resolve_device`) and the numeric precision
+of forward passes (``fp32``, ``bf16`` or ``fp16`` autocast, and ``auto``).
 
 ``auto`` is bf16 autocast where the hardware computes it natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs
 that support bf16) and fp32 elsewhere. On this project's AMD EPYC (avx512_bf16), the demo model's
@@ -16,6 +17,8 @@ from contextlib import AbstractContextManager, nullcontext
 from functools import cache
 
 import torch
+
+from meunet.errors import InputError
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("auto", *AUTOCAST)
@@ -59,3 +62,22 @@ def autocast(name: str, device: str | torch.device) -> AbstractContextManager:
     kind = torch.device(device).type
     dtype = AUTOCAST[name]
     return nullcontext() if dtype is None or kind == "meta" else torch.autocast(kind, dtype=dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA, else MPS, else CPU; a named accelerator must be present.
+
+    Raises:
+        InputError: the requested device is not available.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    device = torch.device(name)
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[device.type] or (
+        device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise InputError("device", f"{name} is not available on this machine")
+    return device

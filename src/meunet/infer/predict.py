@@ -59,6 +59,7 @@ from meunet.memory import peak_rss_bytes
 from meunet.models.bundle import model_digest
 from meunet.models.cascade import stage1_fill
 from meunet.models.unet import MULTIPLE
+from meunet.precision import resolve_device
 
 SKIP_MARGIN = 10.0  # a skipped window's logits: 0 for background, -SKIP_MARGIN for the others
 # One forward pass without gradients (meunet.models.unet.UNet3D.lean_features), per precision: it holds
@@ -82,8 +83,8 @@ class PredictSettings(WindowSettings):
 
     Attributes:
         window: (z, y, x) window; None takes ``model.json``'s ``window``.
-        overlap, blend, batch, device, precision, tta: see :class:`WindowSettings` (precision ``auto``
-            by default).
+        overlap, blend, batch, device, precision, tta: see :class:`WindowSettings` (device and precision
+            ``auto`` by default; the device is resolved when the settings are made, :func:`resolve_device`).
         skip_empty: skip windows whose raw intensities all lie below ``air_threshold`` (default: one third
             of the way from the normalisation's ``clip_low`` to ``clip_high``); a skipped window counts as
             certain background (logits 0 for background, -10 for the other classes).
@@ -106,6 +107,7 @@ class PredictSettings(WindowSettings):
     """
 
     window: tuple[int, int, int] | None = None
+    device: str = "auto"
     precision: str = "auto"
     skip_empty: bool = False
     air_threshold: float | None = None
@@ -116,6 +118,8 @@ class PredictSettings(WindowSettings):
     def __post_init__(self) -> None:
         window = None if self.window is None else tuple(int(w) for w in self.window)
         object.__setattr__(self, "window", window)
+        if self.device == "auto":
+            object.__setattr__(self, "device", str(resolve_device("auto")))
         try:
             check_settings(window or (1, 1, 1), self.overlap, self.blend, self.batch, self.precision)
         except ValueError as exc:
@@ -562,7 +566,7 @@ def predict(
     blend: str = "gaussian",
     window: Sequence[int] | None = None,
     batch: int = 1,
-    device: str = "cpu",
+    device: str = "auto",
     precision: str = "auto",
     skip_empty: bool = False,
     air_threshold: float | None = None,

@@ -28,6 +28,7 @@ from meunet.infer import SlidingWindow, image_input, stage1_input
 from meunet.infer.postprocess import choose_rules
 from meunet.io import output_lock, write_json
 from meunet.models import Cascade, MeUNet, UNet3D, load_model_dir, save_model_dir
+from meunet.precision import resolve_device
 from meunet.train.checkpoint import load_checkpoint, save_checkpoint
 from meunet.train.config import TrainConfig
 from meunet.train.data import TrainingData, open_array, prepare_data, resolve_split
@@ -71,25 +72,6 @@ def _say(message: str) -> None:
     """A ``meunet train:`` line on stderr, from rank 0 alone under torchrun."""
     if ddp.is_main():
         print(f"meunet train: {message}", file=sys.stderr)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA, else MPS, else CPU; a named accelerator must be present.
-
-    Raises:
-        InputError: the requested device is not available.
-    """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    device = torch.device(name)
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available[device.type] or (
-        device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
-    ):
-        raise InputError("device", f"{name} is not available on this machine")
-    return device
 
 
 def _check_output(out: Path, stages: list[int], resume: bool, force: bool) -> None:
