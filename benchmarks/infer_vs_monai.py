@@ -84,22 +84,23 @@ def _run(kind: str, model_dir: Path, image: Path, output: Path, args) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _make_model(path: Path, window: int, widths=WIDTHS, norm: str = "batch") -> Path:
-    """A meU-net of fixed random weights (3 classes) stored with a cubic ``window`` (also used by
-    predict_memory.py)."""
+def _make_model(path: Path, window: int, widths=WIDTHS, norm: str = "batch", stages: int = 1) -> Path:
+    """A meU-net of fixed random weights (3 classes) stored with a cubic ``window``; with ``stages=2`` a
+    post-concatenation cascade on it (also used by predict_memory.py and paper_predict.py)."""
     import torch
 
     from meunet.data.normalization import Normalization
-    from meunet.models import MeUNet, save_model_dir
+    from meunet.models import Cascade, MeUNet, UNet3D, save_model_dir
 
     torch.manual_seed(0)
     stage1 = MeUNet(1, 3, widths=widths, norm=norm)
+    stage2 = Cascade(stage1, UNet3D(1, 3, widths=widths, norm=norm)) if stages == 2 else None
     meta = {
         "classes": ["background", "gut", "crop"],
         "normalization": Normalization(0.0, 255.0, 128.0, 64.0).to_dict(),
         "window": [window] * 3,
     }
-    return save_model_dir(path, meta, stage1, force=True)
+    return save_model_dir(path, meta, stage1, stage2, force=True)
 
 
 def _make_volume(path: Path, shape: tuple[int, int, int]) -> Path:
