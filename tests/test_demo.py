@@ -1,4 +1,4 @@
-"""``meunet demo --quick`` end to end: synthetic data, both stages, prediction, evaluation, report."""
+"""``meunet demo --quick`` end to end: synthetic data, stage 1, prediction, evaluation, report."""
 
 from __future__ import annotations
 
