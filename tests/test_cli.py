@@ -23,6 +23,7 @@ def test_version(cli):
         (("train", "x.yaml", "--nproc", "0"), "error: meunet train: Invalid value for '--nproc'"),
         (("predict",), "error: meunet predict: Missing argument"),
         (("info", "a", "b"), "error: meunet info: Got unexpected extra argument"),
+        (("convert", "a", "b", "--spacing", "1"), "error: meunet convert: Option '--spacing' requires 3"),
     ],
 )
 def test_a_refused_command_line_is_one_line_and_exit_2(cli, args, message):

@@ -55,8 +55,8 @@ class _Group(TyperGroup):
             raise typer.Exit(2) from None
         except Elsewhere:
             raise typer.Exit(2) from None
-        except _USAGE_ERROR as exc:
-            _refuse_usage(exc, ctx.command_path)
+        except _USAGE_ERROR as exc:  # click's parser gives no context: name the command it was parsing
+            _refuse_usage(exc, " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand))))
         except MemoryError:
             typer.echo(
                 f"error: {ctx.command_path}: out of memory: the input or the settings need more memory than "
