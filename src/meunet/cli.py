@@ -566,7 +566,7 @@ def export_command(
 def demo_command(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder (data, model, report)."),
     quick: bool = typer.Option(
-        False, "--quick", help="Every step in about 3 minutes (too few steps to learn)."
+        False, "--quick", help="Every step in about a minute (too few steps to learn)."
     ),
     force: bool = typer.Option(False, "--force", help="Replace the outputs of an earlier demo in --out."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),

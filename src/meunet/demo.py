@@ -54,7 +54,7 @@ class DemoSettings:
         batch: patches per step.
         learning_rate: Adam's step size.
         iterations: training steps of stage 1.
-        validations: validations per stage (the best one's weights are kept).
+        validations: validations of stage 1 (the best one's weights are kept).
     """
 
     shape: tuple[int, int, int]
@@ -152,7 +152,7 @@ def run_demo(
 
     Args:
         out: output folder (created); see the module docstring for its content.
-        quick: the small settings :data:`QUICK` (every step in about 3 minutes, too few to learn) instead of
+        quick: the small settings :data:`QUICK` (every step in about a minute, too few to learn) instead of
             :data:`FULL`.
         force: replace the outputs of an earlier demo in ``out``; without it a non-empty ``out`` is refused.
         progress: show progress bars.
