@@ -332,23 +332,29 @@ def test_absurd_window_counts_and_sizes_are_refused_before_any_work(cli, models,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.npy"]
 
 
-def test_an_output_that_is_an_input_or_another_output_is_refused_even_with_force(cli, models, tmp_path):
+def test_an_output_in_or_around_an_input_or_given_twice_is_refused_even_with_force(cli, models, tmp_path):
     image = _image(tmp_path / "image.npy")
     truth = _image(tmp_path / "truth.npy")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    model_files = {p.name: p.read_bytes() for p in models["single"].iterdir() if p.is_file()}
     cases = {
-        "is an input of this command too": ("predict", models["single"], image, image),
+        "is, holds or lies in an input": ("predict", models["single"], image, image),
+        "is, holds or lies in an input ": ("predict", models["single"], image, tmp_path),  # its folder
+        "is, holds or lies in an input  ": ("predict", models["single"], image, tmp_path / "a.npy",
+                                            "--stats-json", models["single"] / "model.json"),
+        "is, holds or lies in an input   ": ("predict", models["single"], image, models["single"]),
         "given for two outputs": ("predict", models["single"], image, tmp_path / "a.npy", "--stats-json",
                                   tmp_path / "a.npy"),
         "given for two outputs ": ("predict", models["single"], image, tmp_path / "a.zarr", "--probabilities",
                                    tmp_path / "a.zarr"),
-        "is an input of this command too ": ("evaluate", truth, truth, "--json", truth),
+        "is, holds or lies in an input    ": ("evaluate", truth, truth, "--json", truth),
     }  # fmt: skip
     for message, args in cases.items():
         result = cli(*args, "--force")
         assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
         assert message.strip() in result.stderr
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in models["single"].iterdir() if p.is_file()} == model_files
 
 
 def test_an_output_in_a_folder_that_does_not_exist_is_one_line_before_any_work(cli, models, tmp_path):

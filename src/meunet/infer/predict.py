@@ -400,7 +400,7 @@ class Predictor:
         """
         start = time.perf_counter()
         output = Path(output)
-        check_outputs((output, probabilities, stats_json), force, inputs=(input,))
+        check_outputs((output, probabilities, stats_json), force, inputs=(input, self.model_dir))
         volume = open_volume(input)
         n_classes, rules = self.n_classes, self.rules
         shape = tuple(volume.array.shape)

@@ -49,8 +49,9 @@ def check_outputs(
     new_folder: str | PathLike[str] | None = None,
 ) -> None:
     """:func:`check_new_output` for each output given (None: not asked for), after checking that no output
-    is an input or another output of the same command (refused even with ``force``: writing it would
-    destroy what is being read, or one output would overwrite the other), and that its folder exists (or is
+    is an input, a folder holding an input, or inside an input folder (a model directory), nor another
+    output of the same command (refused even with ``force``: writing it would destroy what is being read,
+    or one output would overwrite the other), and that its folder exists (or is
     ``new_folder``, which the command creates, in an existing folder).
 
     Raises:
@@ -65,8 +66,10 @@ def check_outputs(
     written: set[Path] = set()
     for path in (p for p in outputs if p is not None):
         resolved = Path(path).resolve()
-        if resolved in read:
-            raise InputError(path, "is an input of this command too; write the output under another name")
+        if any(resolved == r or resolved in r.parents or r in resolved.parents for r in read):
+            raise InputError(
+                path, "is, holds or lies in an input of this command; write the output under another name"
+            )
         if resolved in written:
             raise InputError(path, "given for two outputs of one command; give each its own name")
         written.add(resolved)
