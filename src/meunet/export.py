@@ -30,7 +30,7 @@ from meunet.data.normalization import Normalization
 from meunet.errors import InputError
 from meunet.io import atomic_output, check_outputs
 from meunet.models import load_model_dir
-from meunet.models.bundle import STAGE1_ARCHITECTURES, model_files
+from meunet.models.bundle import STAGE1_ARCHITECTURES
 from meunet.models.cascade import build_cascade
 
 FORMATS = ("bioimageio", "onnx")
@@ -94,7 +94,7 @@ def export(
     model_dir, output = Path(model_dir), Path(output).absolute()
     if fmt not in FORMATS:
         raise InputError("--format", f"must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    check_outputs([output], force, inputs=[model_dir, *model_files(model_dir)])
+    check_outputs([output], force, inputs=[model_dir])
     if fmt == "bioimageio" and output.suffix != ".zip":
         raise InputError(output, "a BioImage Model Zoo package is a .zip file: give a name ending in .zip")
     bundle = load_model_dir(model_dir)
