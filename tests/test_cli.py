@@ -82,3 +82,20 @@ def test_allocator_settings_need_huge_pages_and_yield_to_the_users(monkeypatch, 
     assert allocator.allocator_tunables() is None
     monkeypatch.setenv("GLIBC_TUNABLES", "")
     assert allocator.allocator_tunables() == ""
+
+
+def test_an_error_line_stays_one_line_whatever_the_path_or_message(cli, tmp_path, monkeypatch):
+    """A newline in a file name is escaped, a library's multi-line text joined, a huge one cut."""
+    result = cli("info", tmp_path / "a\nb.nii.gz")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: '") and "a\\nb.nii.gz': no such file" in result.stderr
+    import meunet.io
+    from meunet.errors import InputError
+
+    def fail(path, *args, **kwargs):
+        raise InputError(path, "first line\n  second line\n" + "x" * 5000)
+
+    monkeypatch.setattr(meunet.io, "open_volume", fail)
+    result = cli("info", tmp_path / "scan.nii.gz")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "first line second line xxx" in result.stderr and len(result.stderr) < 600

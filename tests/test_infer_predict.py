@@ -294,6 +294,7 @@ def test_predictor_built_once_serves_two_inputs_as_predict_does(models, tmp_path
         ("blend", "median", "unknown blend 'median'"),
         ("precision", "fp8", "precision must be one of"),
         ("window", (0, 16, 16), "window must be three positive sizes"),
+        ("window", (4, 16, 16), "every side must be at least 16"),
     ],
 )
 def test_invalid_settings_are_one_input_error_line(cli, models, tmp_path, option, value, message):
@@ -343,8 +344,8 @@ def test_an_output_in_or_around_an_input_or_given_twice_is_refused_even_with_for
         "is, holds or lies in an input  ": ("predict", models["single"], image, tmp_path / "a.npy",
                                             "--stats-json", models["single"] / "model.json"),
         "is, holds or lies in an input   ": ("predict", models["single"], image, models["single"]),
-        "given for two outputs": ("predict", models["single"], image, tmp_path / "a.npy", "--stats-json",
-                                  tmp_path / "a.npy"),
+        "given for two outputs": ("predict", models["single"], image, tmp_path / "a.json", "--stats-json",
+                                  tmp_path / "a.json"),
         "given for two outputs ": ("predict", models["single"], image, tmp_path / "a.zarr", "--probabilities",
                                    tmp_path / "a.zarr"),
         "is, holds or lies in an input    ": ("evaluate", truth, truth, "--json", truth),
@@ -392,15 +393,102 @@ def test_predict_refuses_a_nan_voxel_naming_the_input(models, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy"]
 
 
-@pytest.mark.parametrize("std", [0.0, float("nan"), float("inf")])
-def test_predict_refuses_bad_normalization_naming_model_json(models, tmp_path, std):
+def _edited_model(models, tmp_path, edit) -> Path:
     model = tmp_path / "model"
     shutil.copytree(models["single"], model)
     meta = json.loads((model / "model.json").read_text())
-    meta["normalization"]["std"] = std
+    edit(meta)
     (model / "model.json").write_text(json.dumps(meta))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("std", 0.0), ("std", float("nan")), ("std", float("inf")), ("clip_high", 1e308), ("std", 1e-300)],
+)
+def test_predict_refuses_bad_normalization_naming_model_json(models, tmp_path, key, value):
+    """Not finite, or finite but overflowing float32 when applied (every voxel would become inf)."""
+    model = _edited_model(models, tmp_path, lambda meta: meta["normalization"].update({key: value}))
     with pytest.raises(InputError, match=r"model\.json: no valid 'normalization'"):
         predict(model, _image(tmp_path / "image.npy"), tmp_path / "labels.zarr", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("format_version", 99, "'format_version' 99 is not one this meunet reads"),
+        ("spacing", [0, 0, 0], "'spacing' must be three positive finite numbers"),
+        ("spacing", [1, 1, float("inf")], "'spacing' must be three positive finite numbers"),
+    ],
+)
+def test_a_model_json_of_a_newer_format_or_with_bad_spacing_is_refused(models, tmp_path, key, value, message):
+    model = _edited_model(models, tmp_path, lambda meta: meta.update({key: value}))
+    with pytest.raises(InputError, match=re.escape(message)):
+        Predictor(model)
+
+
+def test_a_stored_window_larger_than_the_volume_is_cut_to_it(models, tmp_path):
+    """A model.json window of 100000 would pad a 40 x 20 x 24 volume to 100000^3 (and the memory guard
+    would look for the largest window below it): it is cut to the volume, each side a multiple of 16."""
+    model = _edited_model(models, tmp_path, lambda meta: meta.update(window=[100000] * 3))
+    choice = Predictor(model).window_for((40, 20, 24))
+    assert choice.window == (48, 32, 32) and choice.how == "the model's, cut to the volume"
+    stats = predict(model, _image(tmp_path / "image.npy"), tmp_path / "labels.npy", progress=False)
+    assert stats["window"] == [48, 32, 32] and stats["windows"] == 1
+
+
+def test_resume_with_nothing_to_resume_is_refused(cli, models, tmp_path):
+    image = _image(tmp_path / "image.npy")
+    result = cli("predict", models["single"], image, tmp_path / "a.zarr", "--resume", "--no-progress")
+    assert result.exit_code == 2
+    assert (
+        result.stderr == f"error: {tmp_path / 'a.zarr'}: nothing to resume: no partial output of an "
+        "interrupted run is here\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.npy"]
+
+
+def test_force_replaces_only_meunets_outputs_never_a_users_folder(cli, models, tmp_path):
+    """--force replaces an earlier output (a Zarr store, a slice folder, a file, a link), never a folder
+    holding anything else, and never writes into a folder named like a file."""
+    image = _image(tmp_path / "image.npy")
+    args = ("predict", models["single"], image)
+    for out in ("a.zarr", "slices", "a.nii.gz"):
+        assert cli(*args, tmp_path / out, "--no-progress").exit_code == 0
+        again = cli(*args, tmp_path / out, "--no-progress", "--force")
+        assert again.exit_code == 0, again.stderr
+    (tmp_path / "theses").mkdir()
+    (tmp_path / "theses" / "chapter1.tex").write_text("years of work")
+    (tmp_path / "u.nii.gz" / "sub").mkdir(parents=True)
+    (tmp_path / "u.nii.gz" / "sub" / "x.txt").write_text("x")
+    (tmp_path / "a.zarr" / "notes.txt").write_text("mine")  # a user's file inside an earlier output
+    for out, foreign in (("theses", "chapter1.tex"), ("u.nii.gz", "sub/x.txt"), ("a.zarr", "notes.txt")):
+        result = cli(*args, tmp_path / out, "--no-progress", "--force")
+        assert result.exit_code == 2 and result.stderr == (
+            f"error: {tmp_path / out}: holds {foreign}, which meunet did not write: --force replaces only "
+            "meunet's outputs; move it away or choose another output name\n"
+        )
+    assert (tmp_path / "theses" / "chapter1.tex").read_text() == "years of work"
+    assert (tmp_path / "u.nii.gz" / "sub" / "x.txt").is_file() and (
+        tmp_path / "a.zarr" / "notes.txt"
+    ).is_file()
+    os.symlink(tmp_path / "nowhere" / "x.nii.gz", tmp_path / "link.nii.gz")  # a dangling link is an output
+    result = cli(*args, tmp_path / "link.nii.gz", "--no-progress")
+    assert result.exit_code == 2 and "output exists; use --force" in result.stderr
+    assert cli(*args, tmp_path / "link.nii.gz", "--no-progress", "--force").exit_code == 0
+    assert not (tmp_path / "link.nii.gz").is_symlink() and not (tmp_path / "nowhere").exists()
+    here = os.getcwd()
+    os.chdir(tmp_path / "theses")
+    try:
+        for out in (".", ""):
+            result = cli(*args, out, "--no-progress", "--force")
+            assert (
+                result.exit_code == 2
+                and result.stderr == "error: .: is not an output name: give a file or folder name\n"
+            )
+    finally:
+        os.chdir(here)
+    assert sorted(p.name for p in (tmp_path / "theses").iterdir()) == ["chapter1.tex"]
 
 
 def test_labels_beyond_256_classes_are_uint16():

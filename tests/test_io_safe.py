@@ -127,15 +127,23 @@ def test_full_disk_in_atomic_output(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_atomic_output_replaces_a_folder(tmp_path):
+def test_atomic_output_replaces_a_folder_of_meunets_never_one_holding_other_files(tmp_path):
     path = tmp_path / "export"
     path.mkdir()
-    (path / "old.txt").write_text("old")
+    (path / "model.onnx").write_text("an earlier export")
     with atomic_output(path) as tmp:
         tmp.mkdir()
-        (tmp / "new.txt").write_text("new")
-    assert [p.name for p in path.iterdir()] == ["new.txt"]
+        (tmp / "export.json").write_text("new")
+    assert [p.name for p in path.iterdir()] == ["export.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    (path / "old.txt").write_text("a user's")
+    with pytest.raises(InputError, match=r"holds old\.txt, which meunet did not write"), atomic_output(path):
+        pytest.fail("the block must not run")
+    assert sorted(p.name for p in path.iterdir()) == ["export.json", "old.txt"]
+    (tmp_path / "report.json").mkdir()  # a folder where a file goes is replaced only when empty
+    with atomic_output(tmp_path / "report.json") as tmp:
+        tmp.write_text("{}")
+    assert (tmp_path / "report.json").read_text() == "{}"
 
 
 def test_force_false_refuses_existing_output_under_the_lock(tmp_path):

@@ -1,12 +1,13 @@
 """``meunet evaluate`` and the overlay picture."""
 
 import json
+import warnings
 
 import numpy as np
 from PIL import Image
 
 from meunet.io import Volume, write_volume
-from meunet.report import foreground_centre, orthogonal_slices
+from meunet.report import foreground_centre, orthogonal_slices, save_overlay
 
 
 def _labels(shape=(12, 16, 20)) -> tuple[np.ndarray, np.ndarray]:
@@ -91,3 +92,36 @@ def test_cli_evaluate_bad_input(cli, tmp_path):
         f"({truth.max()}): is it a label map? (--class-names gives the classes where the truth lacks some)"
     ]
     assert not (tmp_path / "s.json").exists()
+
+
+def test_evaluate_outputs_named_for_another_format_or_a_users_folder_are_refused(cli, tmp_path):
+    """``--json results`` (a folder meant) would write a file ``results``; ``--overlay ov.jpg`` PNG bytes in
+    a .jpg; ``--json`` onto a folder of the user's, even with ``--force``, would delete it."""
+    pred, truth = _labels()
+    np.save(tmp_path / "pred.npy", pred)
+    np.save(tmp_path / "truth.npy", truth)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "keep.txt").write_text("mine")
+    args = ("evaluate", tmp_path / "pred.npy", tmp_path / "truth.npy", "--force")
+    cases = {
+        ("--json", "results"): "results: holds keep.txt, which meunet did not write",
+        ("--json", "new"): "new: --json writes JSON: give a name ending in .json",
+        ("--overlay", "ov.jpg"): "ov.jpg: the overlay is a PNG: give a name ending in .png",
+    }
+    for (option, name), message in cases.items():
+        result = cli(*args, option, tmp_path / name)
+        assert result.exit_code == 2 and result.stderr.startswith(f"error: {tmp_path}/{message}")
+        assert result.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.npy", "results", "truth.npy"]
+    assert (tmp_path / "results" / "keep.txt").read_text() == "mine"
+
+
+def test_an_overlay_of_a_scan_with_non_finite_voxels_draws_them_without_warnings(tmp_path):
+    pred, truth = _labels()
+    image = np.random.default_rng(0).random(truth.shape, dtype=np.float32)
+    z, y, x = foreground_centre(truth)
+    image[z, y, x : x + 3] = [np.inf, -np.inf, np.nan]  # on all three planes drawn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value" warnings were several lines on stderr
+        save_overlay(pred, truth, tmp_path / "ov.png", image=image)
+    assert (tmp_path / "ov.png").stat().st_size > 0

@@ -32,6 +32,19 @@ def _refuse_usage(exc: Exception, where: str) -> None:
     raise typer.Exit(2) from None
 
 
+MAX_MESSAGE = 500  # characters of an error line: a message quoting a huge value is cut
+
+
+def _one_line(exc: InputError) -> str:
+    """``error: <path>: <message>`` on one line: control characters in the path escaped, whitespace runs in
+    the message (a library's multi-line text) joined, and the message cut to :data:`MAX_MESSAGE`."""
+    path = exc.path if exc.path.isprintable() else ascii(exc.path)
+    message = " ".join(exc.message.split())
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 3] + "..."
+    return f"error: {path}: {message}"
+
+
 class _Group(TyperGroup):
     """Typer group that reports :class:`InputError` as one line and exit status 2 (under torchrun from one
     process: :func:`meunet.ddp.reports_errors`; the others, and those that stop with :class:`Elsewhere`,
@@ -51,7 +64,7 @@ class _Group(TyperGroup):
             from meunet.ddp import reports_errors
 
             if reports_errors():
-                typer.echo(f"error: {exc.path}: {exc.message}", err=True)
+                typer.echo(_one_line(exc), err=True)
             raise typer.Exit(2) from None
         except Elsewhere:
             raise typer.Exit(2) from None

@@ -39,7 +39,6 @@ from meunet.infer.window import Region, label_dtype
 from meunet.io import (
     PYRAMID_LEVELS,
     add_label_pyramid,
-    check_outputs,
     create_writer,
     ome_levels,
     open_volume,
@@ -226,8 +225,7 @@ def predict_distributed(
     for _, target in pairs:
         if not target.name.endswith(".zarr"):
             raise InputError(target, "distributed prediction writes OME-Zarr: give an output ending in .zarr")
-    outputs = [o for _, o in pairs] + [stats_json]
-    check_outputs(outputs, force, inputs=[i for i, _ in pairs], new_folder=output)
+    checked.check_outputs([o for _, o in pairs], stats_json, [i for i, _ in pairs], force, new_folder=output)
     volumes = [open_volume(i) for i, _ in pairs]
     windows = [
         _window(checked, volume, target, chunks, block, scheduler, resume, force) for (_, target), volume

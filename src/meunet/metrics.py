@@ -17,7 +17,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from meunet.errors import InputError
-from meunet.io import check_outputs, write_json
+from meunet.io import check_outputs, require_suffix, write_json
 
 
 def confusion_matrix(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
@@ -242,6 +242,8 @@ def evaluate(
     from meunet.io import open_volume
 
     check_outputs((json_file, overlay), force, inputs=(pred, truth, image))
+    require_suffix(json_file, ".json", "--json writes JSON")
+    require_suffix(overlay, ".png", "the overlay is a PNG")
     volumes = {"prediction": (pred, open_volume(pred)), "truth": (truth, open_volume(truth))}
     if image is not None:
         volumes["image"] = (image, open_volume(image))

@@ -111,7 +111,9 @@ def save_overlay(
     aspects = (sy / sx, sz / sx, sz / sy)
     grey = None if image is None else orthogonal_slices(image, centre)
     if grey is not None:
-        low, high = np.percentile(np.concatenate([g.ravel() for g in grey]).astype(np.float32), (0.5, 99.5))
+        values = np.concatenate([g.ravel() for g in grey]).astype(np.float32)
+        values = values[np.isfinite(values)]  # NaN or inf voxels are drawn as matplotlib's "bad" colour
+        low, high = np.percentile(values, (0.5, 99.5)) if values.size else (0.0, 1.0)
     fig = Figure(figsize=(8, 11), layout="constrained")
     axes = fig.subplots(3, 2)
     for row, (plane, aspect, index) in enumerate(zip(PLANES, aspects, centre, strict=True)):

@@ -6,11 +6,12 @@ prediction time, so a model sees the same intensity scale on every scan of the s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,13 @@ class Normalization:
             ValueError: a value is not finite, ``std`` is not positive, or ``clip_low > clip_high``.
         """
         norm = cls(**{k: float(values[k]) for k in ("clip_low", "clip_high", "mean", "std")})
-        if not all(math.isfinite(v) for v in norm.to_dict().values()):
-            raise ValueError(f"normalization values must be finite, got {norm.to_dict()}")
+        if not all(abs(v) <= FLOAT32_MAX for v in norm.to_dict().values()):  # NaN fails too
+            raise ValueError(f"normalization values must be finite float32 numbers, got {norm.to_dict()}")
         if not norm.std > 0 or norm.clip_low > norm.clip_high:
             raise ValueError(f"normalization needs std > 0 and clip_low <= clip_high, got {norm.to_dict()}")
+        shifted = [abs(v - norm.mean) for v in (norm.clip_low, norm.clip_high)]  # in float32: apply's steps
+        if not all(d <= FLOAT32_MAX and d / norm.std <= FLOAT32_MAX for d in shifted):
+            raise ValueError(f"normalized intensities would overflow float32, got {norm.to_dict()}")
         return norm
 
     @classmethod

@@ -53,6 +53,7 @@ from meunet.io import (
     create_writer,
     open_volume,
     partial_run,
+    require_suffix,
     write_json,
 )
 from meunet.memory import peak_rss_bytes
@@ -124,6 +125,12 @@ class PredictSettings(WindowSettings):
             check_settings(window or (1, 1, 1), self.overlap, self.blend, self.batch, self.precision)
         except ValueError as exc:
             raise InputError("settings", str(exc)) from None
+        if window is not None and min(window) < MULTIPLE:
+            raise InputError(
+                "settings",
+                f"window {window}: every side must be at least {MULTIPLE} (the networks pad a window to a "
+                f"multiple of {MULTIPLE}; a volume thinner than the window is padded)",
+            )
         if self.air_threshold is not None and not math.isfinite(self.air_threshold):
             raise InputError("settings", f"air threshold must be finite, got {self.air_threshold}")
         if self.memory_gib is not None and not (math.isfinite(self.memory_gib) and self.memory_gib > 0):
@@ -327,7 +334,8 @@ class Predictor:
         """The window :meth:`predict` uses for a (Z, Y, X) volume of ``shape`` and ``dtype``: ``window`` if
         given (else ``settings.window`` where ``window_given``), otherwise the largest one whose estimated
         peak fits the budget (``settings.memory_gib`` times ``share``, :func:`memory_budget`), at most
-        :attr:`stored_window` (:func:`choose_window`); the smallest candidate where none fits.
+        :attr:`stored_window` cut to the volume (each side rounded up to a multiple of 16)
+        (:func:`choose_window`); the smallest candidate where none fits.
 
         Args:
             probabilities: class probabilities are written too (more output memory).
@@ -340,13 +348,21 @@ class Predictor:
         if estimate is None:
             estimate = peak_estimator(self.bundle, self.engine, shape, dtype, probabilities)
         budget, source = memory_budget(self.settings.memory_gib, share)
-        fits = choose_window(self.stored_window, estimate, budget)
+        # a window beyond the volume would compute padding: cut to the volume, to the networks' multiple
+        stored = tuple(
+            min(w, -(-n // MULTIPLE) * MULTIPLE) for w, n in zip(self.stored_window, shape, strict=True)
+        )
+        fits = choose_window(stored, estimate, budget)
         if window is not None:
             chosen, how = tuple(int(w) for w in window), "given"
         elif fits is None:
-            chosen, how = window_candidates(self.stored_window)[0], "the smallest"
+            chosen, how = window_candidates(stored)[0], "the smallest"
         else:
-            chosen, how = fits, "the model's" if fits == self.stored_window else "the largest that fits"
+            how = "the model's" if fits == self.stored_window else "the largest that fits"
+            chosen, how = (
+                fits,
+                "the model's, cut to the volume" if fits == stored != self.stored_window else how,
+            )
         return WindowChoice(chosen, estimate(chosen), budget, source, how, fits)  # type: ignore[arg-type]
 
     def engine_for(self, window: Sequence[int]) -> SlidingWindow:
@@ -362,6 +378,13 @@ class Predictor:
     def image(self, array, path: str | os.PathLike[str] | None = None) -> Input:
         """The engine input of a raw (Z, Y, X) image (``path`` names it in a non-finite voxel's error)."""
         return image_input(array, self.normalization, path)
+
+    def check_outputs(self, outputs: list, stats_json, inputs: list, force: bool, new_folder=None) -> None:
+        """Before any work: refuse outputs that are inputs (the model directory included), given twice,
+        existing without ``force`` or in a missing folder, and a ``stats_json`` not named ``.json`` (see
+        :func:`meunet.io.check_outputs`; ``new_folder`` is a folder of outputs the run creates)."""
+        check_outputs([*outputs, stats_json], force, inputs=[*inputs, self.model_dir], new_folder=new_folder)
+        require_suffix(stats_json, ".json", "--stats-json writes JSON")
 
     def predict(
         self,
@@ -400,12 +423,14 @@ class Predictor:
         """
         start = time.perf_counter()
         output = Path(output)
-        check_outputs((output, probabilities, stats_json), force, inputs=(input, self.model_dir))
-        volume = open_volume(input)
+        self.check_outputs([output, probabilities], stats_json, [input], force)
         n_classes, rules = self.n_classes, self.rules
-        shape = tuple(volume.array.shape)
         # raw labels to be post-processed: a fixed name, so that --resume finds them
         raw = output.parent / f".{output.name}.raw.zarr" if rules else output
+        if resume and partial_run(raw) is None:
+            raise InputError(output, "nothing to resume: no partial output of an interrupted run is here")
+        volume = open_volume(input)
+        shape = tuple(volume.array.shape)
         window = self.settings.window if self.window_given else _resumed_window(raw) if resume else None
         choice = self.window_for(shape, volume.array.dtype, probabilities is not None, window=window)
         if window is not None and not self.window_given:

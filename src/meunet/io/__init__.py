@@ -23,6 +23,7 @@ from meunet.io._safe import (
     check_new_output,
     check_outputs,
     output_lock,
+    require_suffix,
     user_error,
     write_json,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "output_lock",
     "partial_run",
     "read_volume",
+    "require_suffix",
     "user_error",
     "value_range",
     "volume_format",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator
@@ -32,14 +33,45 @@ from meunet.errors import InputError
 USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
+# the files of the folders meunet writes: Zarr metadata and chunks, TIFF slices, an ONNX export
+_OWN_FILE = re.compile(
+    r"zarr\.json|\.z(group|array|attrs|metadata)|\d+(\.\d+)*|slice_\d+\.tif|[\w.-]+\.onnx|export\.json"
+)
+
+
+def foreign_file(folder: Path) -> Path | None:
+    """The first file (or link, or other non-folder) under ``folder`` that no meunet folder output holds
+    (see :func:`check_new_output`), or None."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            if not _OWN_FILE.fullmatch(name) or os.path.islink(os.path.join(root, name)):
+                return Path(root, name)
+    return None
+
+
 def check_new_output(path: str | PathLike[str], force: bool) -> None:
-    """Refuse an output that exists already unless ``force``.
+    """Refuse an output that exists already (a dangling link included) unless ``force``; with ``force``,
+    refuse a folder holding anything that meunet's folder outputs (Zarr stores, TIFF slice folders, ONNX
+    exports) do not hold: ``--force`` replaces a meunet output, never a folder of the user's.
 
     Raises:
-        InputError: ``path`` exists and ``force`` is false.
+        InputError: ``path`` is no output name (``.``, ``..``), exists and ``force`` is false, or is a
+            folder holding a file meunet did not write.
     """
-    if Path(path).exists() and not force:
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise InputError(path, "is not an output name: give a file or folder name")
+    if not os.path.lexists(path):
+        return
+    if not force:
         raise InputError(path, "output exists; use --force to overwrite it")
+    if path.is_dir() and not path.is_symlink() and (foreign := foreign_file(path)) is not None:
+        raise InputError(
+            path,
+            f"holds {foreign.relative_to(path)}, which meunet did not write: --force replaces only meunet's "
+            "outputs; move it away or choose another output name",
+        )
 
 
 def check_outputs(
@@ -74,11 +106,24 @@ def check_outputs(
             raise InputError(path, "given for two outputs of one command; give each its own name")
         written.add(resolved)
         check_new_output(path, force)
-        folder = resolved.parent
-        if new_folder is not None and folder == Path(new_folder).resolve():
+        folder = Path(path).absolute().parent
+        if new_folder is not None and folder == Path(new_folder).absolute():
             folder = folder.parent
         if not folder.is_dir():
             raise InputError(Path(path).parent, "the output folder does not exist")
+
+
+def require_suffix(path: str | PathLike[str] | None, suffix: str, what: str) -> None:
+    """Refuse an output ``path`` (None: not asked for) whose name does not end in ``suffix``: ``what`` it
+    is gets written in that format whatever its name (and ``--json results/`` would write a file
+    ``results``).
+
+    >>> require_suffix("overlay.jpg", ".png", "the overlay is a PNG")
+    Traceback (most recent call last):
+    meunet.errors.InputError: overlay.jpg: the overlay is a PNG: give a name ending in .png
+    """
+    if path is not None and Path(path).suffix.lower() != suffix:
+        raise InputError(path, f"{what}: give a name ending in {suffix}")
 
 
 def user_error(path: str | PathLike[str], exc: OSError) -> InputError | None:
@@ -151,7 +196,7 @@ def atomic_output(path: str | PathLike[str], force: bool = True) -> Iterator[Pat
         old = None
         try:
             yield tmp
-            if tmp.is_dir() and path.exists():  # rename cannot replace a folder: move the old one aside
+            if path.is_dir() and not path.is_symlink():  # rename cannot replace a folder: move it aside
                 old = temporary_name(path)
                 os.replace(path, old)
             os.replace(tmp, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import warnings
@@ -113,6 +114,20 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise InputError(file, f"unreadable: {exc}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("stage1"), dict):
         raise InputError(file, "no 'stage1' architecture")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        raise InputError(
+            file,
+            f"'format_version' {version!r} is not one this meunet reads (1 to {FORMAT_VERSION}): written by "
+            "a newer meunet?",
+        )
+    spacing = meta.get("spacing")
+    if spacing is not None and not (
+        isinstance(spacing, list)
+        and len(spacing) == 3
+        and all(type(s) in (int, float) and 0 < s < math.inf for s in spacing)
+    ):
+        raise InputError(file, f"'spacing' must be three positive finite numbers (mm), got {spacing!r}"[:300])
     classes = meta.get("classes")
     if not isinstance(classes, list) or len(classes) != meta["stage1"].get("n_classes"):
         raise InputError(file, "'classes' must list one name per output class")
