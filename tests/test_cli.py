@@ -20,6 +20,11 @@ def test_version(cli):
         (("--bogus",), "error: meunet: No such option: --bogus"),
         (("bogus",), "error: meunet: No such command 'bogus'"),
         (("synth", "fly", "out", "--count", "abc"), "error: meunet synth fly: Invalid value for '--count'"),
+        (("synth", "fly", "out", "--seed", "-1"), "error: meunet synth fly: Invalid value for '--seed'"),
+        (
+            ("synth", "from-labels", "l.nii", "o", "--class-names", "a,,b"),
+            "error: --class-names: class name ''",
+        ),
         (("train", "x.yaml", "--nproc", "0"), "error: meunet train: Invalid value for '--nproc'"),
         (("predict",), "error: meunet predict: Missing argument"),
         (("info", "a", "b"), "error: meunet info: Got unexpected extra argument"),

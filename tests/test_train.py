@@ -253,13 +253,43 @@ def _run(cli, tmp_path, config: dict, *args):
             "use a larger patch or model.norm: batch",
         ),
         ({"data": {"train": []}}, "data: give a dataset, or at least one train and one validation pair"),
+        ({"seed": 2**64}, "seed: Input should be less than or equal to 4294967295"),
+        ({"model.classes": ["bg", "gut", "gut"]}, "model.classes: class name 'gut' given twice"),
+        ({"model.classes": ["bg", "", "c"]}, "model.classes: class name '': need non-empty one-line text"),
+        ({"model.classes": ["bg", "a\nb", "c"]}, "model.classes: class name 'a\\nb': need non-empty"),
+        (
+            {"training.batch_size": 1},
+            "training.batch_size: batch norm of one patch of one voxel at the bottleneck (1/16 of patch.size "
+            "(16, 16, 16)) has no variance: use batch_size >= 2 or sides >= 32",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(volumes, tmp_path, cli, change, expected):
     result, path = _run(cli, tmp_path, _config(volumes, tmp_path / "out", **change))
-    assert result.exit_code == 2
-    assert result.stderr.strip().splitlines() == [f"error: {path}: {expected}"]
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {path}: {expected}")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (b"\xff\xfeo\x00u\x00", "not UTF-8 text (byte 0): a YAML configuration is"),  # UTF-16
+        (b"stages: 1\nseed: 1\nstages: 2\n", "not valid YAML: key 'stages' given twice (line 3)"),
+        (b"model:\n  norm: batch\n  norm: instance\n", "not valid YAML: key 'norm' given twice (line 3)"),
+        (
+            b"x: !!python/object/apply:os.system [echo hi]\n",
+            "not valid YAML: could not determine a constructor",
+        ),
+        (b"output: m\n  data: [\n", "not valid YAML: mapping values are not allowed here (line 2, column 7)"),
+    ],
+)
+def test_an_unreadable_or_ambiguous_yaml_is_one_line_naming_it(tmp_path, cli, text, expected):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(text)
+    result = cli("train", path)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {path}: {expected}"), result.stderr
 
 
 def _bad_volume(folder: Path, kind: str) -> dict:

@@ -174,7 +174,13 @@ synth_app = typer.Typer(
 app.add_typer(synth_app, name="synth")
 
 _ACQUISITION = (  # the options every `meunet synth` command ends with: (name, type, option)
-    ("seed", int, typer.Option(0, "--seed", help="Seed: noise, rings and everything drawn follow from it.")),
+    (
+        "seed",
+        int,
+        typer.Option(
+            0, "--seed", min=0, max=2**32 - 1, help="Seed: noise, rings and everything drawn follow from it."
+        ),
+    ),
     ("physics", bool, typer.Option(False, "--physics", help="Radon projections, Poisson counts, FBP.")),
     ("snr", float | None, typer.Option(None, "--snr", help="Contrast over noise (default 10).")),
     ("fmt", str, typer.Option("nii.gz", "--format", help="nii.gz, nii, tif or zarr.")),
@@ -235,6 +241,18 @@ synth_app.command("fly")(_phantom_command("fly", "fly (gut, crop)"))
 synth_app.command("porous")(_phantom_command("porous", "porous-material (matrix, inclusions)"))
 
 
+def _class_names(text: str | None) -> list[str] | None:
+    """``--class-names a,b,c`` as a list (checked: :func:`meunet.train.config.check_class_names`)."""
+    from meunet.train.config import check_class_names
+
+    if text is None:
+        return None
+    try:
+        return check_class_names([n.strip() for n in text.split(",")])
+    except ValueError as exc:
+        raise InputError("--class-names", str(exc)) from None
+
+
 @synth_app.command("from-labels")
 @_acquired
 def synth_from_labels(
@@ -252,7 +270,7 @@ def synth_from_labels(
     """Re-acquire a label map with meunet's scanner models: an image whose labels are exact."""
     from meunet.synth import from_labels
 
-    names = None if class_names is None else [n.strip() for n in class_names.split(",")]
+    names = _class_names(class_names)
     path = from_labels(labels, out_dir, image=image, classes=names, **acquisition)
     typer.echo(f"wrote {path}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -94,6 +95,23 @@ class DataConfig(_Strict):
         return self
 
 
+def check_class_names(names: list[str]) -> list[str]:
+    """``names`` if each is non-empty one-line text without commas or edge spaces (they head the columns
+    of train_log.csv and the tables) and none is given twice; ValueError otherwise.
+
+    >>> check_class_names(["background", "gut", "gut"])
+    Traceback (most recent call last):
+    ValueError: class name 'gut' given twice
+    """
+    for name in names:
+        if not name or not name.isprintable() or "," in name or name != name.strip():
+            raise ValueError(f"class name {name!r}: need non-empty one-line text without commas")
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ValueError(f"class name {name!r} given twice")
+    return names
+
+
 class ModelConfig(_Strict):
     """The networks: stage 1 is a meU-net (or, for the baselines, a plain U-net on the local patch only),
     stage 2 a U-net of the same widths joined by ``fusion``."""
@@ -104,6 +122,8 @@ class ModelConfig(_Strict):
     norm: Literal["batch", "instance"] = "instance"
     checkpointing: bool = True
     fusion: Literal["post", "pre"] = "post"
+
+    _names = field_validator("classes")(lambda names: names and check_class_names(names))
 
     @field_validator("widths")
     @classmethod
@@ -192,7 +212,7 @@ class TrainConfig(_Strict):
 
     output: Path
     stages: Literal["1", "2", "both"] = "both"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # what numpy's and torch's generators all take
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     data: DataConfig
@@ -224,6 +244,12 @@ class TrainConfig(_Strict):
                 "patch.size: instance norm needs sides of at least 32 (the bottleneck is 1/16 of the patch); "
                 "use a larger patch or model.norm: batch"
             )
+        bottleneck = math.prod(max(1, side // 16) for side in self.patch.size)
+        if self.model.norm == "batch" and self.training.batch_size * bottleneck < 2:
+            raise ValueError(
+                "training.batch_size: batch norm of one patch of one voxel at the bottleneck (1/16 of "
+                f"patch.size {tuple(self.patch.size)}) has no variance: use batch_size >= 2 or sides >= 32"
+            )
         return self
 
 
@@ -248,6 +274,24 @@ def parse_config(values: dict, source: str | Path, base_dir: str | Path | None =
         raise InputError(source, f"{where + ': ' if where else ''}{message}{more}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags that run code), refusing a key given twice in one mapping (PyYAML
+    keeps the last silently, so a forgotten earlier line would win or lose unseen)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # PyYAML's own mapping refuses it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (line {key_node.start_mark.line + 1})"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path) -> TrainConfig:
     """Read and validate a YAML configuration; relative paths resolve against the file's directory.
 
@@ -256,11 +300,15 @@ def load_config(path: str | Path) -> TrainConfig:
     """
     path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(encoding="utf-8"), _UniqueKeyLoader)
     except OSError as exc:
         raise InputError(path, f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(path, f"not UTF-8 text (byte {exc.start}): a YAML configuration is") from None
     except yaml.YAMLError as exc:
-        raise InputError(path, f"not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        at = "" if mark is None else f" (line {mark.line + 1}, column {mark.column + 1})"
+        raise InputError(path, f"not valid YAML: {getattr(exc, 'problem', None) or exc}{at}") from None
     if not isinstance(values, dict):
         raise InputError(path, "expected a mapping of keys at the top level")
     return parse_config(values, path, path.resolve().parent)

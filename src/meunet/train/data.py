@@ -16,7 +16,7 @@ from meunet.data.patches import scan_image
 from meunet.data.sampling import PatchIndex, build_index, check_labels
 from meunet.errors import InputError
 from meunet.io import iter_slabs, open_volume
-from meunet.train.config import TrainConfig, VolumePair
+from meunet.train.config import TrainConfig, VolumePair, check_class_names
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def _dataset_volumes(path: Path) -> tuple[list[VolumePair], list[str]]:
             VolumePair(image=path.parent / v["image"], label=path.parent / v["label"])
             for v in meta["volumes"]
         ]
-        classes = [str(c) for c in meta["classes"]]
+        classes = check_class_names([str(c) for c in meta["classes"]])
     except OSError as exc:
         raise InputError(path, f"cannot read: {exc.strerror}") from None
     except (ValueError, KeyError, TypeError) as exc:
