@@ -134,6 +134,17 @@ def test_too_little_memory_or_time_says_what_the_smallest_plan_needs():
 CPU = DeviceInfo("cpu", "cpu", 8 * GIB, 2, False, present=False)
 
 
+def test_a_budget_counts_the_users_validations_and_names_a_max_iterations_below_its_minimum():
+    fixed = {"stages": "1", "training.validate_every": 2}
+    plan = plan_run(FLY_DATA, CPU, fixed, budget=600)
+    assert plan.seconds <= 600 and plan.value("training.validate_every") == 2
+    assert plan.stages["stage 1"]["iterations"] < plan_run(FLY_DATA, CPU, {"stages": "1"}, 600).value(
+        "training.max_iterations"
+    )
+    with pytest.raises(InputError, match=r"^training.max_iterations: 2 is below the 20 steps per stage"):
+        plan_run(FLY_DATA, CPU, {**fixed, "training.max_iterations": 2}, budget=600)
+
+
 @pytest.mark.parametrize(
     ("shares", "threshold", "fixed", "norm"),
     [
@@ -232,6 +243,9 @@ def config_file(tmp_path_factory):
         (("--time-budget", "soon"), "--time-budget: not a duration like 10m"),
         (("--device", "cpu", "--memory-gib", "0.000001"), "too small for any network: the smallest plan"),
         (("--device", "tpu"), "--device: must be auto, cpu, cuda"),
+        (("--memory-gib", "1e400"), "--memory-gib: must be a number of GiB above 0, up to 1048576, not inf"),
+        (("--memory-gib", "nan"), "--memory-gib: must be a number of GiB above 0, up to 1048576, not nan"),
+        (("--time-budget", "9000h"), "--time-budget: a duration must be positive and at most a year"),
     ],
 )
 def test_plan_bad_input_is_one_line_exit_2_nothing_written(cli, config_file, args, message):

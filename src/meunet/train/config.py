@@ -27,6 +27,9 @@ from pydantic import (
 from meunet.errors import InputError
 from meunet.models.meunet import context_side
 
+MAX_DURATION = 366 * 86400
+"""The longest time budget, in seconds (a year): more is a typing mistake."""
+
 
 def parse_duration(text: str | float | int) -> float:
     """Seconds of ``"10m"``, ``"1h30m"``, ``"90s"``, ``"1.5h"`` or a number of seconds.
@@ -35,7 +38,7 @@ def parse_duration(text: str | float | int) -> float:
     (5400.0, 90.0, 20.0)
 
     Raises:
-        ValueError: not a positive duration.
+        ValueError: not a positive duration of at most a year.
     """
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         seconds = float(text)
@@ -45,8 +48,8 @@ def parse_duration(text: str | float | int) -> float:
         if not parts or not any(parts.groups()):
             raise ValueError(f"not a duration like 10m, 1h30m or 90s: {text!r}")
         seconds = sum(float(v) * u for v, u in zip(parts.groups(), (3600, 60, 1), strict=True) if v)
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"a duration must be positive, not {text!r}")
+    if not 0 < seconds <= MAX_DURATION:
+        raise ValueError(f"a duration must be positive and at most a year, not {text!r}")
     return seconds
 
 

@@ -52,6 +52,8 @@ CPU_WIDTHS = (8, 16, 32, 64, 64)
 """The network that trains on a 2-core CPU (benchmarks/real_vs_threshold.py's recipe: patch 32, batch 4)."""
 CPU_SIDE = 32
 BATCH = 4
+MAX_MEMORY_GIB = 2**20
+"""The most memory a plan is made for (a PiB): more is a typing mistake."""
 MEMORY_FRACTION = 0.75
 """A plan's estimated peak stays below this fraction of the device's memory (allocator caching, cuDNN
 workspaces, the CUDA context and fragmentation take the rest)."""
@@ -267,10 +269,13 @@ def probe_device(name: str = "auto", memory_gib: float | None = None) -> DeviceI
     memory found, and describes a GPU that is not here (bf16 assumed, durations not measurable).
 
     Raises:
-        InputError: an unknown device, a GPU absent without ``memory_gib``, or a memory that is not positive.
+        InputError: an unknown device, a GPU absent without ``memory_gib``, or a memory not in
+            (0, :data:`MAX_MEMORY_GIB`].
     """
-    if memory_gib is not None and not memory_gib > 0:
-        raise InputError("--memory-gib", f"must be a positive number of GiB, not {memory_gib}")
+    if memory_gib is not None and not 0 < memory_gib <= MAX_MEMORY_GIB:
+        raise InputError(
+            "--memory-gib", f"must be a number of GiB above 0, up to {MAX_MEMORY_GIB}, not {memory_gib}"
+        )
     kind, _, index = name.partition(":")
     if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
         raise InputError("--device", f"must be auto, cpu, cuda, cuda:N or mps, not {name!r}")
@@ -623,14 +628,21 @@ class _Costs:
     def fixed(self) -> float:
         return self.cache + self.post
 
-    def fill(self, seconds: float) -> tuple[int, int]:
-        """``(iterations per phase, validations per phase)`` that fill ``seconds``: up to
-        :data:`VALIDATIONS` validations, fewer where they would take over :data:`VALIDATION_SHARE` of it."""
+    def fill(self, seconds: float, every: int | None = None) -> tuple[int, int]:
+        """``(iterations per phase, validations per phase)`` that fill ``seconds``: a validation every
+        ``every`` steps (and at the last), or up to :data:`VALIDATIONS` validations, fewer where they would
+        take over :data:`VALIDATION_SHARE` of it."""
         left = seconds - self.fixed
+        step, validation = sum(self.step.values()), sum(self.validation.values())
+        if every is not None:
+            steps = max(0, int(left / (step + validation / every)))
+            if steps * step + math.ceil(steps / every) * validation > left:  # the last validation overruns
+                steps -= steps % every
+            return steps, math.ceil(steps / every)
         count = VALIDATIONS
-        while count > 1 and count * sum(self.validation.values()) > VALIDATION_SHARE * left:
+        while count > 1 and count * validation > VALIDATION_SHARE * left:
             count -= 1
-        return int((left - count * sum(self.validation.values())) / sum(self.step.values())), count
+        return int((left - count * validation) / step), count
 
 
 def _costs(
@@ -697,11 +709,17 @@ def plan_run(
     every = fixed.get("training.validate_every")
     count = None
     if budget is not None:
+        if iterations is not None and iterations < MIN_STEPS:
+            raise InputError(
+                "training.max_iterations",
+                f"{iterations} is below the {MIN_STEPS} steps per stage that a time-budgeted run trains at "
+                "least: raise it, or leave it out for the budget to set",
+            )
         usable = BUDGET_USE * budget - spent
-        planned, count = costs.fill(usable)
+        planned, count = costs.fill(usable, every)
         if "stages" not in fixed:
             alone = _costs(data, spec, timing, "1", folds, out_of_fold)
-            single, single_count = alone.fill(usable)
+            single, single_count = alone.fill(usable, every)
             cascade = planned >= CASCADE_STEPS and device.kind == "cuda"
             stages = "both" if cascade else "1"
             why = f"both stages get {planned} steps each ({len(costs.step)} trainings with the folds)"
@@ -717,11 +735,17 @@ def plan_run(
             keys_set(keys, fixed, "stages", stages, why)
         iterations = iterations or planned
         if iterations < MIN_STEPS:
-            need = costs.fixed + MIN_STEPS * sum(costs.step.values()) + sum(costs.validation.values())
+            validations = math.ceil(MIN_STEPS / (every or MIN_STEPS))
+            need = (
+                costs.fixed
+                + MIN_STEPS * sum(costs.step.values())
+                + validations * sum(costs.validation.values())
+            )
             raise InputError(
                 "time budget",
                 f"{_duration(budget)} is too short for this data on this device: the smallest run "
-                f"({MIN_STEPS} steps per stage, one validation each) needs about "
+                f"({MIN_STEPS} steps per stage, {validations} validation{'s' * (validations > 1)} each) "
+                f"needs about "
                 f"{_duration((spent + need) / BUDGET_USE)}",
             )
         t1, t2 = timing.step
