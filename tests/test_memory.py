@@ -86,6 +86,26 @@ def test_cli_bench_memory_json(cli, tmp_path):
     ("option", "value"), [("--widths", "4,8,16"), ("--device", "gpu"), ("--precision", "fp8")]
 )
 def test_cli_bench_memory_rejects_bad_options(cli, option, value):
-    result = cli("bench", "memory", "--patch", "16", option, value)
+    result = cli("bench", "memory", "--patch", "32", option, value)
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {option}: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--patch", "7"), "error: --patch: must be 32 to 1024 voxels, not 7"),
+        (("--patch", "100000"), "error: --patch: must be 32 to 1024 voxels, not 100000"),
+        (("--context-scale", "inf"), "error: --context-scale: must be at most 4.0, not inf"),
+        (("--plot", "p.txt"), "error: p.txt: --plot writes a PNG"),
+        (("--plot", "bj.json", "--json", "bj.json"), "error: bj.json: given for two outputs of one command"),
+    ],
+)
+def test_cli_bench_memory_refuses_absurd_sizes_and_outputs_before_any_work(
+    cli, tmp_path, monkeypatch, args, expected
+):
+    monkeypatch.chdir(tmp_path)
+    result = cli("bench", "memory", *args)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(expected), result.stderr
+    assert not list(tmp_path.iterdir())

@@ -286,6 +286,14 @@ def test_plan_for_an_absent_gpu_needs_its_memory(cli, config_file):
     assert result.exit_code == 2 and "not available on this machine" in result.stderr
 
 
+def test_plan_refuses_its_configuration_as_out_even_with_force(cli, config_file):
+    before = config_file.read_text()
+    result = cli("plan", config_file, "--out", config_file, "--force")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {config_file}: is, holds or lies in an input")
+    assert config_file.read_text() == before
+
+
 def test_plan_writes_a_complete_configuration_with_reasons(cli, config_file):
     out = config_file.parent / "planned.yaml"
     result = cli("plan", config_file, "--device", "cpu", "--time-budget", "1h", "--out", out)

@@ -20,7 +20,7 @@ from typer.core import TyperGroup
 from meunet import __version__
 from meunet.allocator import allocator_tunables
 from meunet.errors import Elsewhere, InputError
-from meunet.io import atomic_output, check_new_output, write_json
+from meunet.io import atomic_output, check_outputs, require_suffix, write_json
 
 _USAGE_ERROR = typer.BadParameter.__base__  # typer's own click.UsageError: every refused command line
 
@@ -283,7 +283,7 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("memory")
 def bench_memory(
-    patch: int = typer.Option(160, "--patch", min=1, help="Side of the local patch (voxels)."),
+    patch: int = typer.Option(160, "--patch", help="Side of the local patch (voxels), 32 to 1024."),
     context_scale: float = typer.Option(1.5, "--context-scale", min=1.0, help="Context side / local side."),
     batch: int = typer.Option(1, "--batch", min=1, help="Patches per step."),
     widths: str = typer.Option("16,32,64,128,128", "--widths", help="Five encoder widths, comma-separated."),
@@ -296,10 +296,15 @@ def bench_memory(
     force: bool = typer.Option(False, "--force", help="Overwrite existing --json / --plot files."),
 ) -> None:
     """Memory of one training step (forward, W_D loss, backward): baselines, meU-net, cascades."""
+    from meunet.train.config import MAX_CONTEXT_SCALE, MAX_SIDE
 
-    for out in (json_file, plot):
-        if out is not None:
-            check_new_output(out, force)
+    check_outputs([json_file, plot], force)
+    require_suffix(json_file, ".json", "--json writes JSON")
+    require_suffix(plot, ".png", "--plot writes a PNG")
+    if not 32 <= patch <= MAX_SIDE:  # batch norm of one patch needs 2 voxels at the bottleneck, 1/16 of it
+        raise InputError("--patch", f"must be 32 to {MAX_SIDE} voxels, not {patch}")
+    if not context_scale <= MAX_CONTEXT_SCALE:
+        raise InputError("--context-scale", f"must be at most {MAX_CONTEXT_SCALE}, not {context_scale}")
     if precision not in ("fp32", "bf16", "fp16"):
         raise InputError("--precision", f"must be fp32, bf16 or fp16, not {precision!r}")
     if device not in ("cpu", "cuda", "meta"):
@@ -369,8 +374,7 @@ def plan_command(
     """Plan a training run from the data, the device and a time budget: print the table, write the YAML."""
     import time
 
-    if out is not None:
-        check_new_output(out, force)
+    check_outputs([out], force, inputs=[config])
     loaded = _budgeted(config, time_budget)
     from meunet.train.data import resolve_split
     from meunet.train.plan import (

@@ -136,11 +136,17 @@ class ModelConfig(_Strict):
         return widths
 
 
+MAX_SIDE = 1024
+"""The largest patch side (the paper's is 160): a training step of more would not fit any machine."""
+MAX_CONTEXT_SCALE = 4.0
+"""The largest context side / local side (the paper's is 1.5)."""
+
+
 class PatchConfig(_Strict):
     """Local patch, context patch and the sampling grid (docs/method.md sections 2 and 4)."""
 
     size: Triple = (160, 160, 160)
-    context_scale: float = Field(1.5, ge=1.0)
+    context_scale: float = Field(1.5, ge=1.0, le=MAX_CONTEXT_SCALE)
     grid_step: Triple | None = None
     background_threshold: float = Field(0.98, gt=0.0, le=1.0)
     background_keep: float = Field(0.05, ge=0.0, le=1.0)
@@ -149,8 +155,8 @@ class PatchConfig(_Strict):
     @field_validator("size")
     @classmethod
     def _even(cls, size: tuple[int, int, int]) -> tuple[int, int, int]:
-        if any(s < 8 or s % 2 for s in size):
-            raise ValueError("each side must be even and at least 8")
+        if any(s < 8 or s % 2 or s > MAX_SIDE for s in size):
+            raise ValueError(f"each side must be even, from 8 to {MAX_SIDE}")
         return size
 
     @model_validator(mode="after")
