@@ -98,6 +98,8 @@ def test_cli_bench_memory_rejects_bad_options(cli, option, value):
         (("--patch", "100000"), "error: --patch: must be 32 to 1024 voxels, not 100000"),
         (("--context-scale", "inf"), "error: --context-scale: must be at most 4.0, not inf"),
         (("--plot", "p.txt"), "error: p.txt: --plot writes a PNG"),
+        (("--device", "mps"), "error: --device: must be cpu, cuda, cuda:N or meta, not 'mps'"),
+        (("--device", "cuda:99"), "error: --device: cuda:99 is not available on this machine"),
         (("--plot", "bj.json", "--json", "bj.json"), "error: bj.json: given for two outputs of one command"),
     ],
 )

@@ -243,6 +243,9 @@ def config_file(tmp_path_factory):
         (("--time-budget", "soon"), "--time-budget: not a duration like 10m"),
         (("--device", "cpu", "--memory-gib", "0.000001"), "too small for any network: the smallest plan"),
         (("--device", "tpu"), "--device: must be auto, cpu, cuda"),
+        (("--device", "meta"), "--device: must be auto, cpu, cuda, cuda:N or mps, not 'meta'"),
+        (("--device", "cpu:1"), "--device: must be auto, cpu, cuda, cuda:N or mps, not 'cpu:1'"),
+        (("--device", "cuda:x"), "--device: must be auto, cpu, cuda, cuda:N or mps, not 'cuda:x'"),
         (("--memory-gib", "1e400"), "--memory-gib: must be a number of GiB above 0, up to 1048576, not inf"),
         (("--memory-gib", "nan"), "--memory-gib: must be a number of GiB above 0, up to 1048576, not nan"),
         (("--time-budget", "9000h"), "--time-budget: a duration must be positive and at most a year"),
@@ -284,6 +287,15 @@ def test_labels_that_are_not_class_indices_are_one_line_before_the_plan(
 def test_plan_for_an_absent_gpu_needs_its_memory(cli, config_file):
     result = cli("plan", config_file, "--device", "cuda")
     assert result.exit_code == 2 and "not available on this machine" in result.stderr
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is here")
+def test_plan_for_an_absent_mps_is_one_short_line_and_cpu_0_is_the_cpu(cli, config_file):
+    result = cli("plan", config_file, "--device", "mps")
+    assert result.exit_code == 2
+    assert result.stderr == "error: --device: mps is not available on this machine\n"
+    result = cli("plan", config_file, "--device", "cpu:0")
+    assert result.exit_code == 0 and result.stdout.startswith("plan for cpu,"), result.stderr
 
 
 def test_plan_refuses_its_configuration_as_out_even_with_force(cli, config_file):

@@ -254,6 +254,7 @@ def _run(cli, tmp_path, config: dict, *args):
         ),
         ({"data": {"train": []}}, "data: give a dataset, or at least one train and one validation pair"),
         ({"seed": 2**64}, "seed: Input should be less than or equal to 4294967295"),
+        ({"device": "cpu:1"}, "device: must be auto, cpu, cuda, cuda:N or mps, not 'cpu:1'"),
         ({"patch.size": 2048}, "patch.size: each side must be even, from 8 to 1024"),
         ({"patch.context_scale": 1e300}, "patch.context_scale: Input should be less than or equal to 4"),
         ({"model.classes": ["bg", "gut", "gut"]}, "model.classes: class name 'gut' given twice"),
@@ -500,3 +501,11 @@ def test_training_labels_without_any_foreground_are_one_line_and_nothing_is_writ
         str(info.value) == f"{tmp_path / 'empty.npy'}: no training patch holds ball, core: nothing to learn"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_cpu_0_is_the_cpu_and_a_missing_device_is_one_line_naming_the_key():
+    from meunet.precision import resolve_device
+
+    assert resolve_device("cpu:0") == torch.device("cpu")  # a model saved from it loads anywhere
+    with pytest.raises(InputError, match=r"^device: cuda:99 is not available on this machine$"):
+        resolve_device("cuda:99")

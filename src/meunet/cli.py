@@ -289,7 +289,9 @@ def bench_memory(
     widths: str = typer.Option("16,32,64,128,128", "--widths", help="Five encoder widths, comma-separated."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 / fp16 (mixed precision)."),
     device: str = typer.Option(
-        "meta", "--device", help="cpu, cuda, or meta (exact activation bytes in seconds, no peak or time)."
+        "meta",
+        "--device",
+        help="cpu, cuda, cuda:N, or meta (exact activation bytes in seconds, no peak or time).",
     ),
     json_file: Path | None = typer.Option(None, "--json", help="Write the records as a JSON list."),
     plot: Path | None = typer.Option(None, "--plot", help="Write a bar chart (PNG)."),
@@ -307,8 +309,6 @@ def bench_memory(
         raise InputError("--context-scale", f"must be at most {MAX_CONTEXT_SCALE}, not {context_scale}")
     if precision not in ("fp32", "bf16", "fp16"):
         raise InputError("--precision", f"must be fp32, bf16 or fp16, not {precision!r}")
-    if device not in ("cpu", "cuda", "meta"):
-        raise InputError("--device", f"must be cpu, cuda or meta, not {device!r}")
     try:
         width_list = [int(w) for w in widths.split(",")]
     except ValueError:
@@ -316,12 +316,10 @@ def bench_memory(
     if len(width_list) != 5 or min(width_list) < 1:
         raise InputError("--widths", f"need five positive integers like 16,32,64,128,128, not {widths!r}")
 
-    import torch
-
     from meunet.memory import StepSetting, format_table, measure_memory, plot_memory
+    from meunet.precision import resolve_device
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device", "CUDA is not available on this machine")
+    device = str(resolve_device(device, "--device", ("cpu", "cuda", "meta")))
     records = measure_memory(StepSetting(patch, context_scale, batch, tuple(width_list), precision, device))
     typer.echo(format_table(records))
     if json_file is not None:

@@ -64,20 +64,56 @@ def autocast(name: str, device: str | torch.device) -> AbstractContextManager:
     return nullcontext() if dtype is None or kind == "meta" else torch.autocast(kind, dtype=dtype)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA, else MPS, else CPU; a named accelerator must be present.
+DEVICES = ("auto", "cpu", "cuda", "mps")
+"""The device kinds a run computes on (``meta``, which holds no data but counts bytes: ``meunet bench
+memory``)."""
+
+
+def check_device(name: str, kinds: tuple[str, ...] = DEVICES) -> str:
+    """``name`` if it is one of ``kinds``, ``cuda:N`` or a kind with ``:0`` (as torch writes the CPU); its
+    presence is not checked (:func:`resolve_device`).
 
     Raises:
-        InputError: the requested device is not available.
+        ValueError: another name (its message lists ``kinds``).
+
+    >>> check_device("cuda:1"), check_device("cpu:0")
+    ('cuda:1', 'cpu:0')
     """
+    kind, colon, index = name.partition(":")
+    if kind not in kinds or (
+        colon and (kind == "auto" or not index.isdigit() or (kind != "cuda" and int(index)))
+    ):
+        *listed, last = [n for k in kinds for n in ((k, "cuda:N") if k == "cuda" else (k,))]
+        raise ValueError(f"must be {', '.join(listed)} or {last}, not {name!r}")
+    return name
+
+
+def resolve_device(name: str, where: str = "device", kinds: tuple[str, ...] = DEVICES) -> torch.device:
+    """``auto`` -> CUDA, else MPS, else CPU; a named device (:func:`check_device`) must be present.
+
+    Args:
+        where: what an error names (the config key ``device``, an option ``--device``).
+
+    Raises:
+        InputError: not a device name of ``kinds``, or a device that is not on this machine.
+    """
+    try:
+        check_device(name, kinds)
+    except ValueError as exc:
+        raise InputError(where, str(exc)) from None
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     device = torch.device(name)
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = {
+        "cpu": True,
+        "meta": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
     if not available[device.type] or (
         device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
     ):
-        raise InputError("device", f"{name} is not available on this machine")
-    return device
+        raise InputError(where, f"{name} is not available on this machine")
+    return device if device.type == "cuda" else torch.device(device.type)  # cpu:0 is the CPU

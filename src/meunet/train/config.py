@@ -26,6 +26,7 @@ from pydantic import (
 
 from meunet.errors import InputError
 from meunet.models.meunet import context_side
+from meunet.precision import check_device
 
 MAX_DURATION = 366 * 86400
 """The longest time budget, in seconds (a year): more is a typing mistake."""
@@ -241,10 +242,7 @@ class TrainConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device_name(cls, value: str) -> str:
-        kind, _, index = value.partition(":")
-        if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
-            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
-        return value
+        return check_device(value)
 
     @model_validator(mode="after")
     def _norm_fits_patch(self) -> TrainConfig:

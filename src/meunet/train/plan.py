@@ -37,7 +37,7 @@ from meunet.io import iter_slabs, open_volume
 from meunet.memory import count_saved_bytes
 from meunet.metrics import confusion_matrix, dice_from_confusion
 from meunet.models import PAPER_WIDTHS, Cascade, MeUNet, UNet3D
-from meunet.precision import autocast_dtype, cpu_has_bf16
+from meunet.precision import autocast_dtype, check_device, cpu_has_bf16
 from meunet.train.config import ModelConfig, TrainConfig
 from meunet.train.data import check_pair
 from meunet.train.loop import PhaseClock
@@ -276,9 +276,12 @@ def probe_device(name: str = "auto", memory_gib: float | None = None) -> DeviceI
         raise InputError(
             "--memory-gib", f"must be a number of GiB above 0, up to {MAX_MEMORY_GIB}, not {memory_gib}"
         )
-    kind, _, index = name.partition(":")
-    if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
-        raise InputError("--device", f"must be auto, cpu, cuda, cuda:N or mps, not {name!r}")
+    try:
+        kind, _, index = check_device(name).partition(":")
+    except ValueError as exc:
+        raise InputError("--device", str(exc)) from None
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise InputError("--device", "mps is not available on this machine")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     described = None if memory_gib is None else int(memory_gib * 2**30)
     if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
