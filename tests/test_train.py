@@ -139,7 +139,7 @@ def test_resume_from_a_broken_or_foreign_checkpoint_is_one_line(volumes, tmp_pat
         "unreadable as torch weights": (good[: len(good) // 2], "more.yaml"),
         "refused (unpickling them could run code)": (pickle.dumps(_Payload(tmp_path / "ran")), "more.yaml"),
         "not a meunet checkpoint": (_saved({"weights": torch.zeros(1)}), "more.yaml"),
-        "do not match model.json's architecture": (good, "wider.yaml"),
+        "error: model.widths: [4, 8, 8, 8, 8] differs from the run being resumed in": (good, "wider.yaml"),
     }
     for message, (content, name) in cases.items():
         checkpoint.write_bytes(content)
@@ -148,6 +148,7 @@ def test_resume_from_a_broken_or_foreign_checkpoint_is_one_line(volumes, tmp_pat
         assert result.exit_code == 2 and last.startswith("error: ") and message in last, message
         assert "Traceback" not in result.stderr and "weights_only" not in result.stderr
         assert not before or "plan for" in before[0]  # the plan table, printed before the first step
+        assert not before or name == "more.yaml"  # a changed network: one line, before any plan
     assert not (tmp_path / "ran").exists()
 
 

@@ -511,7 +511,8 @@ def _prepare(config: TrainConfig, resume: bool, force: bool, started: float, dev
     out = config.output
     stages = {"1": [1], "2": [2], "both": [1, 2]}[config.stages]
     _check_output(out, stages, resume, force)
-    if resume:  # a broken or foreign checkpoint is one line before any work
+    if resume:  # a broken or foreign checkpoint, or a changed network, is one line before any work
+        _check_same_network(config, out)
         for checkpoint in sorted(out.glob("*checkpoint*.pt")):
             if checkpoint.name.startswith("."):  # the temporary of a process killed while writing it: its
                 checkpoint.unlink()  # writer held this output's lock, which is ours now
@@ -553,6 +554,33 @@ def _prepare(config: TrainConfig, resume: bool, force: bool, started: float, dev
         if previous is not None:  # back to a stage-1 model directory
             save_model_dir(out, meta, previous.stage1, None, force=True)
     return config, stages, data, meta, plan
+
+
+RESUMED_KEYS = ("model", "patch.size", "patch.context_scale")
+"""What a resumed run must keep from the run it continues (the networks and their inputs)."""
+
+
+def _check_same_network(config: TrainConfig, out: Path) -> None:
+    """Refuse to resume with a key of :data:`RESUMED_KEYS` set otherwise than in the run in ``out``
+    (``model.json``'s ``train_config``; none there: the checkpoints' own checks decide).
+
+    Raises:
+        InputError: naming the first such key, its value and the run's.
+    """
+    try:
+        before = json.loads((out / "model.json").read_text())["train_config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    now = config.model_dump(mode="json")
+    for key in user_keys(config):
+        section, _, name = key.partition(".")
+        if key in RESUMED_KEYS or section in RESUMED_KEYS:
+            if before.get(section, {}).get(name) != now[section][name]:
+                raise InputError(
+                    key,
+                    f"{now[section][name]} differs from the run being resumed in {out} "
+                    f"({before.get(section, {}).get(name)}): put it back, or start over with --force",
+                )
 
 
 def _choose_postprocessing(config: TrainConfig, data: TrainingData, out: Path, device) -> None:
