@@ -255,6 +255,7 @@ def _run(cli, tmp_path, config: dict, *args):
         ),
         ({"data": {"train": []}}, "data: give a dataset, or at least one train and one validation pair"),
         ({"seed": 2**64}, "seed: Input should be less than or equal to 4294967295"),
+        ({"training.learning_rate": 1e9}, "training.learning_rate: Input should be less than or equal to 1"),
         ({"device": "cpu:1"}, "device: must be auto, cpu, cuda, cuda:N or mps, not 'cpu:1'"),
         ({"patch.size": 2048}, "patch.size: each side must be even, from 8 to 1024"),
         ({"patch.context_scale": 1e300}, "patch.context_scale: Input should be less than or equal to 4"),
@@ -510,3 +511,12 @@ def test_cpu_0_is_the_cpu_and_a_missing_device_is_one_line_naming_the_key():
     assert resolve_device("cpu:0") == torch.device("cpu")  # a model saved from it loads anywhere
     with pytest.raises(InputError, match=r"^device: cuda:99 is not available on this machine$"):
         resolve_device("cuda:99")
+
+
+@pytest.mark.parametrize("output", ["", "."])
+def test_an_empty_output_is_refused_not_the_configurations_folder(volumes, tmp_path, cli, output):
+    before = sorted(tmp_path.iterdir())
+    result, path = _run(cli, tmp_path, {**_config(volumes, tmp_path), "output": output})
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {path}: output: an empty path or '.' names the configuration's")
+    assert sorted(tmp_path.iterdir()) == [*before, path]

@@ -63,6 +63,8 @@ Triple = Annotated[tuple[int, int, int], BeforeValidator(_triple)]
 
 
 def _resolve(path: Path | None, info: ValidationInfo) -> Path | None:
+    if path == Path():  # "" and "." (pydantic makes "" a ".") would name the YAML file's own folder
+        raise ValueError("an empty path or '.' names the configuration's folder: give a file or folder name")
     base = (info.context or {}).get("base_dir")
     return Path(base) / path if path is not None and base is not None and not path.is_absolute() else path
 
@@ -183,7 +185,7 @@ class TrainingConfig(_Strict):
     """Optimiser, limits, validation schedule and the data loader."""
 
     batch_size: int = Field(4, ge=1)
-    learning_rate: float = Field(9e-4, gt=0)
+    learning_rate: float = Field(9e-4, gt=0, le=1)  # Adam's steps are about the learning rate
     max_epochs: float = Field(400, gt=0)
     max_iterations: int | None = Field(None, ge=1)
     validate_every: int | None = Field(None, ge=1)
