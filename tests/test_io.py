@@ -431,3 +431,15 @@ def test_complex_voxels_are_refused_in_one_line(tmp_path, name):
         str(info.value)
         == f"{path}: unsupported voxel type complex64: meunet reads bool, integer or float voxels"
     )
+
+
+def test_a_non_finite_origin_is_one_line_naming_the_file(tmp_path):
+    import nibabel
+
+    from meunet.errors import InputError
+
+    affine = np.eye(4)
+    affine[0, 3] = np.nan
+    nibabel.save(nibabel.Nifti1Image(np.zeros((4, 5, 6), np.uint8), affine), tmp_path / "nan.nii.gz")
+    with pytest.raises(InputError, match=r"nan\.nii\.gz: origin .* is not finite"):
+        open_volume(tmp_path / "nan.nii.gz")

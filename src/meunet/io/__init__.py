@@ -27,7 +27,7 @@ from meunet.io._safe import (
     user_error,
     write_json,
 )
-from meunet.io._volume import LazyArray, Volume
+from meunet.io._volume import LazyArray, Volume, check_geometry, fits_float32
 from meunet.io._writer import VolumeWriter, partial_run
 
 __all__ = [
@@ -141,11 +141,11 @@ def open_volume(path: str | PathLike[str], spacing: tuple[float, float, float] |
     volume = opener(path)
     if spacing is not None:
         volume.spacing = tuple(float(s) for s in spacing)  # type: ignore[assignment]
-        largest = float(np.finfo(np.float32).max)  # NIfTI, TIFF and ITK headers store float32
-        if len(volume.spacing) != 3 or not all(0 < s <= largest for s in volume.spacing):
+        if len(volume.spacing) != 3 or not fits_float32(volume.spacing, positive=True):
             raise InputError(
                 path, f"spacing needs three positive finite values (z, y, x) that fit float32, got {spacing}"
             )
+    check_geometry(path, volume)
     return volume
 
 

@@ -212,13 +212,13 @@ def geometry_from_affine(affine: np.ndarray) -> dict:
     affine = np.asarray(affine, dtype=np.float64)
     lps = _RAS_TO_LPS @ affine[:3, :3]
     m = lps[::-1, ::-1]  # rows: world (z, y, x); columns: array axes (z, y, x)
-    spacing = np.linalg.norm(m, axis=0)
-    spacing[spacing == 0] = 1.0
-    return {
-        "spacing": tuple(float(s) for s in spacing),
-        "origin": tuple(float(v) for v in (_RAS_TO_LPS @ affine[:3, 3])[::-1]),
-        "direction": m / spacing,
-    }
+    with np.errstate(invalid="ignore", divide="ignore"):  # a degenerate affine: check_geometry refuses it
+        spacing = np.linalg.norm(m, axis=0)
+        return {
+            "spacing": tuple(float(s) for s in spacing),
+            "origin": tuple(float(v) for v in (_RAS_TO_LPS @ affine[:3, 3])[::-1]),
+            "direction": m / spacing,
+        }
 
 
 def affine_from_geometry(volume: Volume) -> np.ndarray:
@@ -240,3 +240,29 @@ def require_volume(path, shape, dtype) -> None:
     dtype = np.dtype(dtype)
     if dtype.kind not in "biuf" or dtype.fields is not None:
         raise InputError(path, f"unsupported voxel type {dtype}: meunet reads bool, integer or float voxels")
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # NIfTI, TIFF and ITK headers store float32
+
+
+def fits_float32(values, positive: bool = False) -> bool:
+    """Whether every value is finite and fits float32 (and, with ``positive``, is above 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    return bool(np.all(np.abs(values) <= FLOAT32_MAX) and (not positive or np.all(values > 0)))
+
+
+def check_geometry(path, volume: Volume) -> None:
+    """Raise :class:`InputError` unless the spacing is positive, the origin and direction are finite (all
+    within float32, which every format can store) and the direction matrix is invertible."""
+    if not fits_float32(volume.spacing, positive=True):
+        spacing = " x ".join(f"{s:g}" for s in volume.spacing)
+        raise InputError(
+            path,
+            f"voxel spacing {spacing} mm (z, y, x) is not positive and finite "
+            "(meunet convert --spacing Z Y X replaces it)",
+        )
+    if not fits_float32(volume.origin):
+        raise InputError(path, f"origin {', '.join(f'{o:g}' for o in volume.origin)} mm is not finite")
+    if not fits_float32(volume.direction) or abs(np.linalg.det(volume.direction)) < 1e-6:
+        rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in volume.direction)
+        raise InputError(path, f"direction matrix {rows} is singular or not finite")
