@@ -357,11 +357,12 @@ class Predictor:
             chosen, how = tuple(int(w) for w in window), "given"
         elif fits is None:
             chosen, how = window_candidates(stored)[0], "the smallest"
+        elif fits == self.stored_window:
+            chosen, how = fits, "the model's"
         else:
-            how = "the model's" if fits == self.stored_window else "the largest that fits"
             chosen, how = (
                 fits,
-                "the model's, cut to the volume" if fits == stored != self.stored_window else how,
+                "the model's, cut to the volume" if fits == stored else "the largest that fits",
             )
         return WindowChoice(chosen, estimate(chosen), budget, source, how, fits)  # type: ignore[arg-type]
 
