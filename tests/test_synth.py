@@ -133,7 +133,8 @@ def test_cli_synth_zarr_and_errors(cli, tmp_path):
     assert again.exit_code == 2 and again.stderr.startswith(f"error: {out}: ")
     for args, message in (
         (("--format", "png"), "unknown format"),
-        (("--seed", "-1"), "seed must be 0 or more, got -1"),
+        (("--seed", "-1"), "'--seed': Input should be greater than or equal to 0"),
+        (("--seed", str(2**32)), "'--seed': Input should be less than or equal to 4294967295"),
         (("--snr", "inf"), "snr must be positive and finite, got inf"),
     ):
         bad = cli("synth", "fly", tmp_path / "new", "--count", "1", *args, "--no-progress")
