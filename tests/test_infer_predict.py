@@ -388,7 +388,7 @@ def test_predict_refuses_a_nan_voxel_naming_the_input(models, tmp_path):
     array = np.full((40, 20, 24), 50.0, np.float32)
     array[33, 4, 5] = np.nan
     write_volume(tmp_path / "nan.npy", Volume(array))
-    with pytest.raises(InputError, match=r"nan\.npy: non-finite voxel .* z = 33"):
+    with pytest.raises(InputError, match=r"nan\.npy: NaN or infinite voxel in slice z = 33"):
         predict(models["single"], tmp_path / "nan.npy", tmp_path / "labels.zarr", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy"]
 

@@ -11,8 +11,10 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import tifffile
 
+from meunet.errors import InputError
 from meunet.io import Volume, open_volume, read_volume, write_volume
 
 RNG = np.random.default_rng(1)
@@ -54,6 +56,7 @@ def test_info_json(cli, volume_path):
         "nbytes",
         "min",
         "max",
+        "non_finite",
     ]
     assert facts["format"] == "nifti-gz"
     assert facts["shape"] == [6, 7, 8] and facts["dtype"] == "int16"
@@ -61,6 +64,22 @@ def test_info_json(cli, volume_path):
     assert facts["direction"] == np.eye(3).tolist()
     assert facts["nbytes"] == array.nbytes
     assert (facts["min"], facts["max"]) == (int(array.min()), int(array.max()))
+    assert facts["non_finite"] == 0
+
+
+def test_info_ranges_finite_voxels_and_counts_the_others_in_strict_json(cli, tmp_path):
+    array = np.ones((4, 4, 4), np.float32)
+    array[0, 0, :3] = (np.nan, np.inf, -2.0)
+    np.save(tmp_path / "a.npy", array)
+    result = cli("info", tmp_path / "a.npy", "--json")
+    assert result.exit_code == 0, result.stderr
+    facts = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert (facts["min"], facts["max"], facts["non_finite"]) == (-2.0, 1.0, 2)
+    np.save(tmp_path / "b.npy", np.full((2, 2, 2), np.nan, np.float32))
+    facts = json.loads(cli("info", tmp_path / "b.npy", "--json").stdout, parse_constant=pytest.fail)
+    assert (facts["min"], facts["max"], facts["non_finite"]) == (None, None, 8)
+    table = cli("info", tmp_path / "a.npy").stdout
+    assert "-2 .. 1 (2 voxels NaN or infinite" in table
 
 
 def test_info_table_and_spacing_override(cli, volume_path):
@@ -114,6 +133,24 @@ def test_a_folder_without_a_volume_is_one_line_without_itk_warnings(tmp_path):
         result.stderr
         == f"error: {tmp_path / 'empty'}: the folder holds no TIFF slices, DICOM series or Zarr store\n"
     )
+
+
+@pytest.mark.parametrize(("name", "compress"), [("cut.mha", False), ("cut.mha", True), ("cut.mhd", False)])
+def test_a_cut_metaimage_is_one_line_without_itk_text(tmp_path, name, compress):
+    """MetaIO prints its findings straight to stderr: run the command in a process of its own."""
+    path = tmp_path / name
+    write_volume(path, Volume(RNG.random((16, 24, 24), dtype=np.float32)))
+    if compress:  # meunet writes MetaImages uncompressed; ITK compresses when asked
+        sitk.WriteImage(sitk.ReadImage(str(path)), str(path), True)
+    data = path.with_suffix(".raw") if name.endswith(".mhd") else path
+    data.write_bytes(data.read_bytes()[: data.stat().st_size - 4000])
+    args = [sys.executable, "-m", "meunet", "convert", path, tmp_path / "out.nii.gz"]
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: {data}: truncated MetaImage data: ") and (
+        result.stderr.count("\n") == 1
+    ), result.stderr
+    assert not (tmp_path / "out.nii.gz").exists()
 
 
 def test_unknown_extension(cli, volume_path, tmp_path):
@@ -176,6 +213,34 @@ def test_slice_folder_with_mismatched_slices(cli, tmp_path):
     result = cli("info", folder)
     _assert_one_line_error(result, folder)
     assert "s1.tif" in result.stderr
+
+
+def test_slice_folder_with_a_damaged_slice_names_it(cli, tmp_path):
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for z in range(3):
+        tifffile.imwrite(folder / f"s{z}.tif", np.zeros((4, 5), np.uint8))
+    (folder / "s3.tif").write_bytes(b"II*\x00" + bytes(4))  # a TIFF header pointing at no image
+    for command in (("info", folder), ("convert", folder, tmp_path / "out.nii.gz")):
+        _assert_one_line_error(cli(*command), folder / "s3.tif")
+    assert _only(tmp_path) == ["slices"]
+    (folder / "s3.tif").unlink()  # and a slice damaged after the folder was opened:
+    opened = open_volume(folder)
+    (folder / "s1.tif").write_bytes(b"not a tiff any more")
+    with pytest.raises(InputError, match=r"s1\.tif: not a readable TIFF file"):
+        opened.array[0:3]
+
+
+def test_int64_voxels_are_refused_by_tiff_and_kept_by_formats_that_hold_them(cli, tmp_path):
+    array = np.arange(64, dtype=np.int64).reshape(4, 4, 4) * 2**40
+    np.save(tmp_path / "big.npy", array)
+    for out in ("out.tif", "out_slices"):
+        result = cli("convert", tmp_path / "big.npy", tmp_path / out)
+        _assert_one_line_error(result, tmp_path / out)
+        assert "cannot hold int64 voxels: use .zarr or .npy" in result.stderr
+    assert _only(tmp_path) == ["big.npy"]
+    assert cli("convert", tmp_path / "big.npy", tmp_path / "out.zarr").exit_code == 0
+    np.testing.assert_array_equal(read_volume(tmp_path / "out.zarr").array, array)
 
 
 def test_folder_without_a_volume(cli, tmp_path):

@@ -131,8 +131,13 @@ def test_bad_label_maps(labels, message, tmp_path, cli):
 def test_bad_arguments_and_existing_output(label_file, tmp_path, cli):
     small = tmp_path / "small.npy"
     write_volume(small, Volume(np.zeros((4, 8, 8), np.uint8)))
+    infinite = tmp_path / "infinite.npy"
+    scan = np.ones(_label_map().shape, np.float32)
+    scan[7, 3, 3] = np.inf
+    write_volume(infinite, Volume(scan))
     for kwargs, message in (
         ({"image": small}, "differs from the labels'"),
+        ({"image": infinite}, "infinite.npy: NaN or infinite voxel in slice z = 7"),
         ({"classes": ["a", "b"]}, "2 class names given for 4"),
         ({"fmt": "png"}, "unknown format"),
     ):

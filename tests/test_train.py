@@ -316,7 +316,7 @@ def _bad_volume(folder: Path, kind: str) -> dict:
     [
         ("shape", "lab", "label shape (32, 32, 30) differs from image shape (32, 32, 32)"),
         ("values", "lab", "label value 3 outside the 3 classes (0..2)"),
-        ("nan", "img", "NaN or infinite intensities (in slices 0..31)"),
+        ("nan", "img", "NaN or infinite voxel in slice z = 20"),
     ],
 )
 @pytest.mark.parametrize("split", ["train", "validation"])

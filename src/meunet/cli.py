@@ -117,7 +117,7 @@ def info(
     from meunet.io import open_volume, value_range, volume_format
 
     vol = open_volume(volume, spacing)
-    low, high = value_range(vol.array)
+    low, high, non_finite = value_range(vol.array)
     facts = {
         "path": str(volume),
         "format": volume_format(volume),
@@ -129,9 +129,10 @@ def info(
         "nbytes": int(vol.array.nbytes),
         "min": low,
         "max": high,
+        "non_finite": non_finite,
     }
     if as_json:
-        typer.echo(json.dumps(facts))
+        typer.echo(json.dumps(facts, allow_nan=False))
         return
     z, y, x = facts["shape"]
     rows = {
@@ -144,8 +145,10 @@ def info(
         "direction": "; ".join(" ".join(f"{v:g}" for v in row) for row in vol.direction)
         + " (columns z, y, x)",
         "size": f"{facts['nbytes'] / 2**20:.1f} MiB",
-        "range": f"{low:g} .. {high:g}",
+        "range": "no finite voxel" if low is None else f"{low:g} .. {high:g}",
     }
+    if non_finite:
+        rows["range"] += f" ({non_finite} voxels NaN or infinite: predict and train refuse them)"
     for key, value in rows.items():
         typer.echo(f"{key:<10}{value}")
 

@@ -17,8 +17,7 @@ import torch
 
 from meunet.data.normalization import Normalization
 from meunet.data.sampling import PatchIndex, Shape3
-from meunet.errors import InputError
-from meunet.io import iter_slabs
+from meunet.io import iter_slabs, require_finite
 from meunet.models.cascade import stage1_fill
 
 
@@ -72,8 +71,7 @@ def scan_image(array, path: str | PathLike[str], max_samples: int = 2_000_000) -
     stride = sample_stride(array.shape, max_samples)
     samples = []
     for z0, data in iter_slabs(array):
-        if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-            raise InputError(path, f"NaN or infinite intensities (in slices {z0}..{z0 + len(data) - 1})")
+        require_finite(path, z0, data)
         samples.append(data[(-z0) % stride :: stride, ::stride, ::stride].astype(np.float32))
     return np.concatenate(samples)
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from meunet.errors import InputError
+from meunet.io import require_finite
 from meunet.precision import PRECISIONS, autocast, resolve_precision
 
 Blend = Literal["gaussian", "constant", "vote"]
@@ -394,9 +394,8 @@ class _SlabCache:
 
     def _read(self, z0: int, z1: int) -> np.ndarray:
         slab = np.asarray(self.source[:, z0:z1] if self.source.ndim == 4 else self.source[z0:z1][None])
-        if self.path is not None and slab.dtype.kind == "f" and not np.isfinite(slab).all():
-            z = z0 + int(np.argwhere(~np.isfinite(slab))[0][1])
-            raise InputError(self.path, f"non-finite voxel (NaN or infinity) in slice z = {z}")
+        if self.path is not None:
+            require_finite(self.path, z0, slab, z_axis=1)
         return slab
 
 

@@ -27,7 +27,7 @@ from meunet.io._safe import (
     user_error,
     write_json,
 )
-from meunet.io._volume import LazyArray, Volume, check_geometry, fits_float32
+from meunet.io._volume import LazyArray, Volume, check_geometry, fits_float32, require_finite
 from meunet.io._writer import VolumeWriter, partial_run
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "output_lock",
     "partial_run",
     "read_volume",
+    "require_finite",
     "require_suffix",
     "user_error",
     "value_range",
@@ -304,16 +305,27 @@ def iter_slabs(array, depth: int | None = None) -> Iterator[tuple[int, np.ndarra
         yield z0, np.asarray(array[z0 : z0 + depth])
 
 
-def value_range(array) -> tuple[float, float]:
-    """(min, max) of a (Z, Y, X) array or lazy array, computed slab by slab (NaN if any voxel is NaN).
+def value_range(array) -> tuple[float | None, float | None, int]:
+    """(min, max, non-finite count) of a (Z, Y, X) array or lazy array, computed slab by slab.
 
-    Returns Python ints for integer dtypes, floats otherwise.
+    The range is over the finite voxels (None, None where there are none); NaN and infinite voxels are
+    counted, not ranged. Returns Python ints for integer dtypes, floats otherwise.
+
+    >>> value_range(np.array([[[1.0, np.nan], [np.inf, 3.0]]], np.float32))
+    (1.0, 3.0, 2)
     """
-    low, high = [], []
+    low, high, non_finite = [], [], 0
     for _, slab in iter_slabs(array):
-        low.append(slab.min())
-        high.append(slab.max())
-    return np.min(low).item(), np.max(high).item()
+        if slab.dtype.kind == "f":
+            finite = np.isfinite(slab)
+            non_finite += int(finite.size - np.count_nonzero(finite))
+            slab = slab[finite]
+        if slab.size:
+            low.append(slab.min())
+            high.append(slab.max())
+    if not low:
+        return None, None, non_finite
+    return np.min(low).item(), np.max(high).item(), non_finite
 
 
 def write_volume(

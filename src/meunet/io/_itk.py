@@ -27,6 +27,33 @@ def _volume_from_image(path: Path, image: sitk.Image) -> Volume:
     return Volume(array, **geometry)
 
 
+def _check_metaimage_bytes(path: Path, reader: sitk.ImageFileReader) -> None:
+    """Raise InputError where a MetaImage's data (after its header, or in its ``.raw`` file) is shorter than
+    its header promises: ITK would print its own text on stderr and fail on the first slab read."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    keys, start = {}, None
+    for line in head.splitlines(keepends=True):
+        key, _, value = line.decode("latin-1").partition("=")
+        keys[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            start = head.index(line) + len(line)
+            break
+    data_file = keys.get("ElementDataFile", "")
+    if start is None or data_file == "LIST" or "%" in data_file or " " in data_file:
+        return  # slice lists and file patterns: ITK checks each file
+    voxel = sitk.Image([1, 1, 1], reader.GetPixelID(), reader.GetNumberOfComponents())
+    expected = int(np.prod(reader.GetSize())) * sitk.GetArrayViewFromImage(voxel).nbytes
+    if keys.get("CompressedData", "False").lower() == "true":
+        expected = int(keys.get("CompressedDataSize", 0) or 0)
+    data = path if data_file == "LOCAL" else path.parent / data_file
+    if not data.is_file():
+        raise InputError(data, f"missing: {path.name} names it as its data file")
+    found = data.stat().st_size - (start if data_file == "LOCAL" else 0)
+    if found < expected:
+        raise InputError(data, f"truncated MetaImage data: {found} bytes, the header promises {expected}")
+
+
 def open_metaimage(path: Path) -> Volume:
     """Open a MetaImage lazily: each slab read asks ITK for that z range only."""
     reader = sitk.ImageFileReader()
@@ -39,6 +66,7 @@ def open_metaimage(path: Path) -> Volume:
     dims = len(size) + (reader.GetNumberOfComponents() > 1)
     if dims != 3:
         raise InputError(path, f"not a 3D volume: the image has {dims} dimensions, size {size}")
+    _check_metaimage_bytes(path, reader)
 
     def extract(z0: int, z1: int) -> np.ndarray:
         reader.SetExtractIndex([0, 0, z0])

@@ -28,6 +28,11 @@ _BIGTIFF_FROM = 2**32 - 2**25
 logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
+def _holds(dtype: np.dtype) -> bool:
+    """TIFF (ImageJ or OME metadata) holds 8 to 32-bit integers and 32/64-bit floats: no 64-bit integers."""
+    return holds_all_but_float16(dtype) and not (dtype.kind in "iu" and dtype.itemsize == 8)
+
+
 def _spacing_mm(tif: tifffile.TiffFile) -> tuple[float, float, float] | None:
     """(z, y, x) spacing in mm from ImageJ or OME metadata, or None when the file does not say."""
     if tif.is_ome and tif.ome_metadata:
@@ -132,6 +137,8 @@ def open_tiff_slices(folder: Path) -> Volume:
     shapes = {}
     for f in files:
         with _open_tiff_file(f) as tif:
+            if not tif.series:
+                raise InputError(f, "not a readable TIFF file (it holds no image)")
             series = tif.series[0]
             shapes.setdefault((series.shape, series.dtype.str), f)
             if f is files[0]:
@@ -148,14 +155,23 @@ def open_tiff_slices(folder: Path) -> Volume:
         raise InputError(files[0], f"not a 2D slice: shape {shape2d}")
     shape = (len(files), *shape2d)
 
+    def read_slice(f: Path) -> np.ndarray:
+        try:
+            image = tifffile.imread(f)
+        except Exception as exc:  # tifffile raises many types for a slice damaged after the folder was opened
+            raise InputError(f, f"not a readable TIFF file ({exc})") from exc
+        if image.shape != shape2d:
+            raise InputError(f, f"slices differ in shape: this one is {image.shape}, not {shape2d}")
+        return image
+
     def read(key):
         zk, yk, xk = key
         if isinstance(zk, int):
-            return tifffile.imread(files[zk])[yk, xk]
+            return read_slice(files[zk])[yk, xk]
         chosen = files[zk]
         out = np.empty((len(chosen), *np.empty(shape2d, np.uint8)[yk, xk].shape), dtype)
         for i, f in enumerate(chosen):
-            out[i] = tifffile.imread(f)[yk, xk]
+            out[i] = read_slice(f)[yk, xk]
         return out
 
     return Volume(LazyArray(folder, shape, dtype, read), spacing=spacing or (1.0, 1.0, 1.0))
@@ -186,7 +202,7 @@ def _tiff_options(volume: Volume) -> dict:
 class TiffWriter(RawWriter):
     """Multi-page TIFF writer: tifffile lays out an empty contiguous file, slabs are then written in place."""
 
-    _holds = staticmethod(holds_all_but_float16)
+    _holds = staticmethod(_holds)
 
     def _header(self) -> int:
         tifffile.imwrite(self.target, shape=self.shape, dtype=self.dtype, **_tiff_options(self.geometry))
@@ -197,7 +213,7 @@ class TiffWriter(RawWriter):
 class TiffSlicesWriter(VolumeWriter):
     """Folder-of-slices writer: one 2D TIFF per z (``slice_00000.tif``, ...), each holding the spacing."""
 
-    _holds = staticmethod(holds_all_but_float16)
+    _holds = staticmethod(_holds)
 
     resumable = True
 

@@ -242,6 +242,17 @@ def require_volume(path, shape, dtype) -> None:
         raise InputError(path, f"unsupported voxel type {dtype}: meunet reads bool, integer or float voxels")
 
 
+def require_finite(path, z0: int, slab: np.ndarray, z_axis: int = 0) -> None:
+    """Raise :class:`InputError` naming the first slice holding a NaN or infinite voxel of a float slab.
+
+    ``slab`` starts at slice ``z0`` of the volume read from ``path``; its z axis is ``z_axis`` (1 for a
+    (C, dz, Y, X) slab). Integer slabs always pass.
+    """
+    if slab.dtype.kind == "f" and not np.isfinite(slab).all():
+        z = z0 + int(np.argwhere(~np.isfinite(slab))[0][z_axis])
+        raise InputError(path, f"NaN or infinite voxel in slice z = {z}")
+
+
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # NIfTI, TIFF and ITK headers store float32
 
 

@@ -86,7 +86,7 @@ class VolumeWriter:
         self.chunks = chunks
         self.resume = resume
         if not self._holds(self.dtype):
-            raise InputError(self.path, f"this format cannot hold {self.dtype} voxels")
+            raise InputError(self.path, f"this format cannot hold {self.dtype} voxels: use .zarr or .npy")
         if self.max_side is not None and max(self.shape) > self.max_side:
             raise InputError(
                 self.path,

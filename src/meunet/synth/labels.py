@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from meunet.errors import InputError
-from meunet.io import Volume, iter_slabs, open_volume
+from meunet.io import Volume, iter_slabs, open_volume, require_finite
 from meunet.synth.dataset import (
     check_output,
     dataset_folder,
@@ -141,6 +141,7 @@ def image_levels(image: str | PathLike[str], labels: Volume, counts: np.ndarray)
     sums = np.zeros(n_classes)
     depth = slab_depth(scan.shape)
     for z0, slab in iter_slabs(scan, depth):
+        require_finite(image, z0, slab)
         lab = np.asarray(labels.array[z0 : z0 + depth]).astype(np.intp).ravel()
         sums += np.bincount(lab, weights=slab.ravel(), minlength=n_classes)
     present = counts > 0
