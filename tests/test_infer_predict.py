@@ -165,8 +165,19 @@ def test_bad_inputs_are_input_errors(models, tmp_path):
         predict(two, image, tmp_path / "a.npy", progress=False)
     with pytest.raises(InputError, match="unknown blend 'median'"):
         predict(models["single"], image, tmp_path / "a.npy", blend="median", progress=False)
-    with pytest.raises(InputError, match="cannot use 'nodevice'"):
-        predict(models["single"], image, tmp_path / "a.npy", device="nodevice", progress=False)
+    for device, message in (
+        ("nodevice", "--device: must be auto, cpu, cuda, cuda:N or mps, not 'nodevice'"),
+        ("meta", "not 'meta'"),  # the memory planner's device: it holds no voxels
+        ("cuda:x", "not 'cuda:x'"),
+        ("mps", "--device: mps is not available on this machine"),
+    ):
+        if device == "mps" and torch.backends.mps.is_available():
+            continue
+        with pytest.raises(InputError, match=re.escape(message)):
+            predict(models["single"], image, tmp_path / "a.npy", device=device, progress=False)
+    for device in ("cpu", "cpu:0"):  # torch's name of the CPU is the CPU
+        predict(models["single"], image, tmp_path / f"{device}.npy", device=device, progress=False)
+    assert np.array_equal(np.load(tmp_path / "cpu.npy"), np.load(tmp_path / "cpu:0.npy"))
     (tmp_path / "exists.npy").write_bytes(b"x")
     with pytest.raises(InputError, match="exists"):
         predict(models["single"], image, tmp_path / "exists.npy", progress=False)

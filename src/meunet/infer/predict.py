@@ -119,8 +119,7 @@ class PredictSettings(WindowSettings):
     def __post_init__(self) -> None:
         window = None if self.window is None else tuple(int(w) for w in self.window)
         object.__setattr__(self, "window", window)
-        if self.device == "auto":
-            object.__setattr__(self, "device", str(resolve_device("auto")))
+        object.__setattr__(self, "device", str(resolve_device(self.device, "--device")))
         try:
             check_settings(window or (1, 1, 1), self.overlap, self.blend, self.batch, self.precision)
         except ValueError as exc:
@@ -266,7 +265,6 @@ class Predictor:
 
         self.model_dir = Path(model_dir)
         model_json = self.model_dir / "model.json"
-        _check_device(settings.device)
         self.bundle = bundle = load_model_dir(model_dir, settings.device)
         if bundle.meta["in_channels"] != 1:
             raise InputError(
@@ -622,14 +620,6 @@ def predict(
         input, output, probabilities=probabilities, stats_json=stats_json, progress=progress, force=force,
         resume=resume,
     )  # fmt: skip
-
-
-def _check_device(device: str) -> None:
-    """InputError unless torch can put a tensor on ``device``."""
-    try:
-        torch.zeros(1, device=device)
-    except (RuntimeError, AssertionError) as exc:
-        raise InputError("--device", f"cannot use {device!r}: {str(exc).splitlines()[0]}") from None
 
 
 def _check_memory(input, choice: WindowChoice, shape: Sequence[int], force: bool, progress: bool) -> None:
