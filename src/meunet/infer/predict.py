@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import psutil
-import torch
 import zarr
 
 from meunet.data.normalization import Normalization
