@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -520,3 +521,28 @@ def test_an_empty_output_is_refused_not_the_configurations_folder(volumes, tmp_p
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"error: {path}: output: an empty path or '.' names the configuration's")
     assert sorted(tmp_path.iterdir()) == [*before, path]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"{", "not valid JSON (Expecting property name enclosed in double quotes at line 1)"),
+        (b"\xff\xfe", "not UTF-8 text"),
+        (b"[]", "not a meunet dataset.json: it needs a non-empty list 'volumes'"),
+        (
+            b'{"volumes": [], "classes": ["a", "b"]}',
+            "not a meunet dataset.json: it needs a non-empty list 'volumes'",
+        ),
+        (b'{"volumes": [{"image": "i.nii"}], "classes": ["a", "b"]}', "volumes[0] needs the paths"),
+        (b'{"volumes": [{"image": "i", "label": "l"}], "classes": "ab"}', "'classes' must list two or more"),
+        (b'{"volumes": [{"image": "i", "label": "l"}], "classes": ["a", "a"]}', "class name 'a' given twice"),
+    ],
+)
+def test_a_malformed_dataset_json_is_one_line_naming_it(tmp_path, content, message):
+    from meunet.train.data import resolve_split
+
+    path = tmp_path / "dataset.json"
+    path.write_bytes(content)
+    config = parse_config({"output": str(tmp_path / "out"), "data": {"dataset": str(path)}}, "cfg")
+    with pytest.raises(InputError, match=re.escape(f"{path}: {message}")):
+        resolve_split(config)

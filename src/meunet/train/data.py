@@ -31,17 +31,27 @@ class Split:
 def _dataset_volumes(path: Path) -> tuple[list[VolumePair], list[str]]:
     """Image/label pairs and class names of a synthetic ``dataset.json`` (paths relative to it)."""
     try:
-        meta = json.loads(path.read_text())
-        pairs = [
-            VolumePair(image=path.parent / v["image"], label=path.parent / v["label"])
-            for v in meta["volumes"]
-        ]
-        classes = check_class_names([str(c) for c in meta["classes"]])
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InputError(path, f"cannot read: {exc.strerror}") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(path, f"not a meunet dataset.json ({exc!r})") from None
-    return pairs, classes
+    except UnicodeDecodeError:
+        raise InputError(path, "not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("volumes"), list) or not meta["volumes"]:
+        raise InputError(path, "not a meunet dataset.json: it needs a non-empty list 'volumes'")
+    pairs = []
+    for i, volume in enumerate(meta["volumes"]):
+        if not (isinstance(volume, dict) and all(isinstance(volume.get(k), str) for k in ("image", "label"))):
+            raise InputError(path, f"volumes[{i}] needs the paths 'image' and 'label'")
+        pairs.append(VolumePair(image=path.parent / volume["image"], label=path.parent / volume["label"]))
+    classes = meta.get("classes")
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+        raise InputError(path, "'classes' must list two or more class names")
+    try:
+        return pairs, check_class_names(classes)
+    except ValueError as exc:
+        raise InputError(path, str(exc)) from None
 
 
 def resolve_split(config: TrainConfig) -> Split:
