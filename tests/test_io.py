@@ -7,6 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import tifffile
 
 from meunet.errors import InputError
 from meunet.io import (
@@ -443,3 +444,35 @@ def test_a_non_finite_origin_is_one_line_naming_the_file(tmp_path):
     nibabel.save(nibabel.Nifti1Image(np.zeros((4, 5, 6), np.uint8), affine), tmp_path / "nan.nii.gz")
     with pytest.raises(InputError, match=r"nan\.nii\.gz: origin .* is not finite"):
         open_volume(tmp_path / "nan.nii.gz")
+
+
+@pytest.mark.parametrize("spacing_z", [0, -2])
+def test_a_tiff_without_positive_spacing_is_refused_unless_the_user_gives_one(tmp_path, spacing_z):
+    from meunet.errors import InputError
+
+    path = tmp_path / "flat.tif"
+    metadata = {"axes": "ZYX", "spacing": spacing_z, "unit": "mm"}
+    tifffile.imwrite(path, np.zeros((4, 8, 8), np.uint8), imagej=True, resolution=(1, 1), metadata=metadata)
+    with pytest.raises(InputError, match=rf"flat\.tif: voxel spacing {spacing_z} x 1 x 1 mm .* --spacing"):
+        open_volume(path)
+    assert open_volume(path, spacing=(2.0, 1.0, 1.0)).spacing == (2.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "spacing", "message"),
+    [
+        ("1 0 0 1 0 0 0 0 1", "1 1 1", r"direction matrix 1 0 0; 0 0 0; 0 1 1 is singular"),
+        ("1 0 0 0 1 0 0 0 1", "0 1 1", r"voxel spacing 1 x 1 x 0 mm .* correct ElementSpacing"),
+    ],
+)
+def test_a_metaimage_header_itk_cannot_read_is_one_line_naming_the_fault(tmp_path, matrix, spacing, message):
+    from meunet.errors import InputError
+
+    header = (
+        "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        f"CompressedData = False\nTransformMatrix = {matrix}\nOffset = 0 0 0\nElementSpacing = {spacing}\n"
+        "DimSize = 8 8 4\nElementType = MET_UCHAR\nElementDataFile = LOCAL\n"
+    )
+    (tmp_path / "bad.mha").write_bytes(header.encode() + bytes(8 * 8 * 4))
+    with pytest.raises(InputError, match=rf"bad\.mha: {message}"):
+        open_volume(tmp_path / "bad.mha")

@@ -13,7 +13,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from meunet.errors import InputError
-from meunet.io._volume import LazyArray, Volume, geometry_from_itk, geometry_to_itk, require_volume
+from meunet.io._volume import (
+    LazyArray,
+    Volume,
+    check_geometry,
+    geometry_from_itk,
+    geometry_to_itk,
+    require_volume,
+)
 from meunet.io._writer import VolumeWriter, holds_all_but_float16
 
 
@@ -67,6 +74,9 @@ def open_metaimage(path: Path) -> Volume:
     if dims != 3:
         raise InputError(path, f"not a 3D volume: the image has {dims} dimensions, size {size}")
     _check_metaimage_bytes(path, reader)
+    geometry = geometry_from_itk(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+    fix = "ITK reads no voxel of it: correct ElementSpacing in the header"
+    check_geometry(path, Volume(np.broadcast_to(np.uint8(0), size[::-1]), **geometry), fix)
 
     def extract(z0: int, z1: int) -> np.ndarray:
         reader.SetExtractIndex([0, 0, z0])
@@ -90,7 +100,6 @@ def open_metaimage(path: Path) -> Volume:
 
     dtype = extract(0, 1).dtype
     require_volume(path, size[::-1], dtype)
-    geometry = geometry_from_itk(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
     return Volume(LazyArray(path, size[::-1], dtype, read), **geometry)
 
 

@@ -262,15 +262,15 @@ def fits_float32(values, positive: bool = False) -> bool:
     return bool(np.all(np.abs(values) <= FLOAT32_MAX) and (not positive or np.all(values > 0)))
 
 
-def check_geometry(path, volume: Volume) -> None:
+def check_geometry(path, volume: Volume, fix: str = "meunet convert --spacing Z Y X replaces it") -> None:
     """Raise :class:`InputError` unless the spacing is positive, the origin and direction are finite (all
-    within float32, which every format can store) and the direction matrix is invertible."""
+    within float32, which every format can store) and the direction matrix is invertible; ``fix`` ends the
+    message of a bad spacing."""
     if not fits_float32(volume.spacing, positive=True):
         spacing = " x ".join(f"{s:g}" for s in volume.spacing)
         raise InputError(
             path,
-            f"voxel spacing {spacing} mm (z, y, x) is not positive and finite "
-            "(meunet convert --spacing Z Y X replaces it)",
+            f"voxel spacing {spacing} mm (z, y, x) is not positive and finite ({fix})",
         )
     if not fits_float32(volume.origin):
         raise InputError(path, f"origin {', '.join(f'{o:g}' for o in volume.origin)} mm is not finite")
