@@ -508,3 +508,64 @@ def test_labels_beyond_256_classes_are_uint16():
     labels = labels_from_scores(scores)
     assert labels.dtype == np.uint16 and labels.max() == 299
     assert labels_from_scores(scores[:256]).dtype == np.uint8
+
+
+def test_reading_ahead_and_writing_behind_give_the_synchronous_labels(models, tmp_path, monkeypatch):
+    """The overlapped pipeline (next row's slices read on a thread, each piece written on another) against
+    the same run with both switched off: identical labels and probabilities of a cascade."""
+    import importlib
+    import threading
+
+    from meunet.infer import window as window_module
+    from meunet.io import VolumeWriter, WriteBehind
+
+    image = _image(tmp_path / "image.nii.gz", shape=(150, 20, 24))  # three pieces of 64-deep Zarr chunks
+    threads: dict[str, set[str]] = {"read": set(), "write": set()}
+    read, write = window_module._SlabCache._read, VolumeWriter.write
+
+    def recorded_read(self, z0, z1):
+        threads["read"].add(threading.current_thread().name)
+        return read(self, z0, z1)
+
+    def recorded_write(self, z0, slab):
+        threads["write"].add(threading.current_thread().name)
+        return write(self, z0, slab)
+
+    monkeypatch.setattr(window_module._SlabCache, "_read", recorded_read)
+    monkeypatch.setattr(VolumeWriter, "write", recorded_write)
+    kwargs = {"window": (16, 16, 16), "progress": False, "postprocess": False}
+    predict(models["post"], image, tmp_path / "a.zarr", probabilities=tmp_path / "pa.zarr", **kwargs)
+    assert {n.split("_")[0] for n in threads["read"]} == {"MainThread", "meunet-reader"}
+    assert {n.split("_")[0] for n in threads["write"]} == {"meunet-writer"}
+    assert open_volume(tmp_path / "a.zarr").array.chunks[0] == 64
+
+    class Synchronous(WriteBehind):
+        def write(self, z0, pieces):
+            self._write(z0, pieces)
+
+    threads = {"read": set(), "write": set()}
+    monkeypatch.setattr(window_module._SlabCache, "read_ahead", lambda *args: None)
+    monkeypatch.setattr(importlib.import_module("meunet.infer.predict"), "WriteBehind", Synchronous)
+    predict(models["post"], image, tmp_path / "b.zarr", probabilities=tmp_path / "pb.zarr", **kwargs)
+    assert threads == {"read": {"MainThread"}, "write": {"MainThread"}}
+    assert np.array_equal(read_volume(tmp_path / "a.zarr").array, read_volume(tmp_path / "b.zarr").array)
+    assert np.array_equal(
+        zarr.open_array(tmp_path / "pa.zarr")[...], zarr.open_array(tmp_path / "pb.zarr")[...]
+    )
+
+
+def test_a_failed_write_behind_stops_the_run_and_leaves_nothing(models, tmp_path, monkeypatch):
+    from meunet.io import VolumeWriter
+
+    image = _image(tmp_path / "image.nii.gz", shape=(40, 20, 24))
+    write = VolumeWriter.write
+
+    def failing(self, z0, slab):
+        if z0 > 0:
+            raise InputError(self.path, "no space left on the device")
+        return write(self, z0, slab)
+
+    monkeypatch.setattr(VolumeWriter, "write", failing)
+    with pytest.raises(InputError, match="no space left"):
+        predict(models["single"], image, tmp_path / "a.npy", window=(16, 16, 16), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.nii.gz"]

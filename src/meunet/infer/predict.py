@@ -48,6 +48,7 @@ from meunet.infer.window import (
 from meunet.io import (
     Volume,
     VolumeWriter,
+    WriteBehind,
     check_outputs,
     create_writer,
     open_volume,
@@ -471,9 +472,9 @@ class Predictor:
             # a fixed name, so that the next run clears what a killed run left
             scratch = output.parent / f".{output.name}.stage1.zarr"
             scores = self._stream(stack, engine, image, scratch, start_z, counts, progress)
+            behind = stack.enter_context(WriteBehind(writers))  # leaves first: no writer closes under it
             for z0, slabs in _aligned(_outputs(engine, scores, probabilities is not None), align, shape[0]):
-                for writer, slab in zip(writers, slabs, strict=True):
-                    writer.write(z0, slab)
+                behind.write(z0, slabs)
         if rules:
             with create_writer(output, shape, label_dtype(n_classes), volume, force=force) as writer:
                 slabs = ((z, (s,)) for z, s in postprocess_slabs(open_volume(raw).array, rules))
@@ -724,8 +725,9 @@ def predict_stage1(
     slabs = stage1_slabs(cascade, image, engine, start_z=start_z, counts=counts, progress=progress, skip=skip)
     channels = cascade.stage1_channels
     with create_writer(output, shape, np.float16, force=force, channels=channels) as writer:
-        for z0, (slab,) in _aligned(((z0, (s,)) for z0, s in slabs), writer.z_chunk, shape[0]):
-            writer.write(z0, slab)
+        with WriteBehind([writer]) as behind:
+            for z0, pieces in _aligned(((z0, (s,)) for z0, s in slabs), writer.z_chunk, shape[0]):
+                behind.write(z0, pieces)
     return zarr.open_array(output, mode="r")
 
 
@@ -781,7 +783,8 @@ def peak_bytes(
     - ``resident`` (the process before it starts) plus the precision's ``runtime`` bytes
       (:data:`ACTIVATIONS`);
     - the engine's accumulators (classes + 1 float32 maps of ``window_z x Y x X``, Y and X padded up to the
-      window) and raw input slabs (``itemsize``, plus float16 stage-1 output for a cascade);
+      window) and raw input slabs (``itemsize``, plus float16 stage-1 output for a cascade), twice (the
+      slabs of the next row are read ahead);
     - one batch of input windows (float32) and the window's importance map (the outputs come when the
       activations have gone);
     - on the CPU, the network's activations: the precision's ``maps`` maps (:data:`ACTIVATIONS`) of the top
@@ -789,19 +792,19 @@ def peak_bytes(
       (measured: benchmarks/predict_memory.py, docs/inference.md). On another device they are the device's
       memory, not counted here;
     - the output slabs (uint8 labels, float32 scores, float16 probabilities) of one window depth plus one
-      chunk, twice (the writers copy).
+      chunk, three times (the writers copy, and one piece is written behind while the next is computed).
     """
     wz, wy, wx = (int(w) for w in window)
     y, x = (max(s, w) for s, w in zip(shape[1:], (wy, wx), strict=True))
     plane = y * x
     padded = math.prod(-(-int(w) // MULTIPLE) * MULTIPLE for w in window)
     accumulators = (max(n_classes, stage1_channels) + 1) * wz * plane * 4
-    input_slabs = wz * plane * (itemsize + 2 * stage1_channels)
+    input_slabs = 2 * wz * plane * (itemsize + 2 * stage1_channels)
     batch_bytes = wz * wy * wx * 4 * (batch * (1 + stage1_channels) + 1)  # inputs, the importance map
     fit = ACTIVATIONS[precision]
     per_voxel = fit["maps"] * width * PRECISION_BYTES[precision] + fit["voxel"]
     activations = batch * padded * per_voxel if str(device).startswith("cpu") else 0
-    outputs = 2 * (wz + 64) * plane * (1 + (2 * n_classes + 8 if probabilities or stage1_channels else 0))
+    outputs = 3 * (wz + 64) * plane * (1 + (2 * n_classes + 8 if probabilities or stage1_channels else 0))
     total = resident + fit["runtime"] + accumulators + input_slabs + batch_bytes + activations + outputs
     return int(total)
 

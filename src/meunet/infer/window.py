@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any, Literal
@@ -284,22 +285,29 @@ class SlidingWindow(WindowSettings):
         skip_out = None if skip_below is None else self._skip_output(skip_logits)
         row = list(itertools.product(ys, xs))  # batches do not span rows of windows
         bar = tqdm(total=len(rows) * len(row), disable=not progress, unit="window")
-        for k, i in enumerate(rows):
-            z0 = zs[i]
-            if k:
-                _shift(acc, weight_sum, z0 - zs[rows[k - 1]])
-            raw = [c.advance(z0, min(z0 + wz, shape[0])) for c in caches]
-            for b in range(0, len(row), self.batch):
-                batch = row[b : b + self.batch]
-                self._run_batch(net, inputs, raw, batch, acc, weight_sum, skip_below, skip_out, counts)
-                bar.update(len(batch))
-            end = zs[i + 1] if i + 1 < len(zs) else padded[0]
-            lo, hi = max(z0, start_z), min(end, shape[0])
-            if hi > lo:
-                scores = acc[:, lo - z0 : hi - z0, : shape[1], : shape[2]]
-                np.divide(scores, weight_sum[lo - z0 : hi - z0, : shape[1], : shape[2]], out=scores)
-                yield lo, scores
-        bar.close()
+        reader = ThreadPoolExecutor(1, thread_name_prefix="meunet-reader")
+        try:
+            for k, i in enumerate(rows):
+                z0 = zs[i]
+                if k:
+                    _shift(acc, weight_sum, z0 - zs[rows[k - 1]])
+                raw = [c.advance(z0, min(z0 + wz, shape[0])) for c in caches]
+                if k + 1 < len(rows):  # the next row's new slices are read while this row runs
+                    for c in caches:
+                        c.read_ahead(zs[rows[k + 1]], min(zs[rows[k + 1]] + wz, shape[0]), reader)
+                for b in range(0, len(row), self.batch):
+                    batch = row[b : b + self.batch]
+                    self._run_batch(net, inputs, raw, batch, acc, weight_sum, skip_below, skip_out, counts)
+                    bar.update(len(batch))
+                end = zs[i + 1] if i + 1 < len(zs) else padded[0]
+                lo, hi = max(z0, start_z), min(end, shape[0])
+                if hi > lo:
+                    scores = acc[:, lo - z0 : hi - z0, : shape[1], : shape[2]]
+                    np.divide(scores, weight_sum[lo - z0 : hi - z0, : shape[1], : shape[2]], out=scores)
+                    yield lo, scores
+        finally:
+            reader.shutdown(cancel_futures=True)  # a read in flight ends first
+            bar.close()
 
     def labels(
         self, net: Callable[..., torch.Tensor], inputs: Sequence[Input | np.ndarray], n_out: int, **kwargs
@@ -373,7 +381,8 @@ def _as_input(value: Input | np.ndarray) -> Input:
 
 
 class _SlabCache:
-    """The raw z-range [z0, z1) of one source, kept across window rows so each slice is read once."""
+    """The raw z-range [z0, z1) of one source, kept across window rows so each slice is read once; the
+    slices the next row adds can be read ahead on a thread (:meth:`read_ahead`) while this row runs."""
 
     def __init__(self, source, depth: int, path: str | None = None) -> None:
         self.source = source
@@ -381,16 +390,24 @@ class _SlabCache:
         channels = source.shape[0] if source.ndim == 4 else 1
         self.buffer = np.empty((channels, depth, *source.shape[-2:]), source.dtype)
         self.z0 = self.z1 = 0
+        self._ahead: tuple[int, int, Future] | None = None
 
     def advance(self, z0: int, z1: int) -> np.ndarray:
         """Cover [z0, z1) (z0 not decreasing); returns a view (C, z1 - z0, Y, X)."""
         keep = max(0, self.z1 - z0)
         for k in range(keep):  # slice by slice: overlapping copies would make numpy allocate a temporary
             self.buffer[:, k] = self.buffer[:, z0 - self.z0 + k]
+        ahead, self._ahead = self._ahead, None
         if z1 > z0 + keep:
-            self.buffer[:, keep : z1 - z0] = self._read(z0 + keep, z1)
+            read = ahead[2].result() if ahead is not None and ahead[:2] == (z0 + keep, z1) else None
+            self.buffer[:, keep : z1 - z0] = self._read(z0 + keep, z1) if read is None else read
         self.z0, self.z1 = z0, z1
         return self.buffer[:, : z1 - z0]
+
+    def read_ahead(self, z0: int, z1: int, pool: ThreadPoolExecutor) -> None:
+        """Start reading on ``pool`` the slices that ``advance(z0, z1)`` will add to those held now."""
+        if z1 > max(z0, self.z1):
+            self._ahead = (max(z0, self.z1), z1, pool.submit(self._read, max(z0, self.z1), z1))
 
     def _read(self, z0: int, z1: int) -> np.ndarray:
         slab = np.asarray(self.source[:, z0:z1] if self.source.ndim == 4 else self.source[z0:z1][None])

@@ -28,13 +28,14 @@ from meunet.io._safe import (
     write_json,
 )
 from meunet.io._volume import LazyArray, Volume, check_geometry, fits_float32, require_finite
-from meunet.io._writer import VolumeWriter, partial_run
+from meunet.io._writer import VolumeWriter, WriteBehind, partial_run
 
 __all__ = [
     "PYRAMID_LEVELS",
     "LazyArray",
     "Volume",
     "VolumeWriter",
+    "WriteBehind",
     "add_label_pyramid",
     "atomic_output",
     "check_new_output",

@@ -317,3 +317,48 @@ class RawWriter(VolumeWriter):
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class WriteBehind:
+    """Writes pieces to writers on one background thread while the caller computes the next piece, as
+    nnU-Net's export workers do; at most one piece is in flight (its arrays must not be changed after
+    :meth:`write`). A write's error is raised by the next :meth:`write` or on leaving the context; leaving on
+    an exception waits for the write in flight, so the writers are never closed under it.
+
+    >>> with WriteBehind([writer]) as behind:  # doctest: +SKIP
+    ...     for z0, labels in slabs:
+    ...         behind.write(z0, (labels,))
+    """
+
+    def __init__(self, writers) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.writers = list(writers)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="meunet-writer")
+        self._pending = None
+
+    def write(self, z0: int, pieces: tuple[np.ndarray, ...]) -> None:
+        """Write ``pieces[i]`` at ``z0`` to ``writers[i]``, after the piece before has been written."""
+        self._wait()
+        self._pending = self._pool.submit(self._write, z0, pieces)
+
+    def _write(self, z0: int, pieces) -> None:
+        for writer, piece in zip(self.writers, pieces, strict=True):
+            writer.write(z0, piece)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._wait()
+            elif self._pending is not None:
+                self._pending.exception()  # wait; the exception being raised wins over the write's
+        finally:
+            self._pool.shutdown()
