@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -196,6 +197,54 @@ def test_resumed_stage_2_keeps_the_log_rows_of_both_stages(volumes, tmp_path, mo
     assert [tuple(r.split(",")[:2]) for r in rows] == expected
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda text: text + "1,abc,2,x\n", "line 4 is not a row of a meunet training log"),
+        (lambda text: text[: len(text.splitlines()[0]) + 10], "line 2 is not a row of a meunet training log"),
+        (lambda text: "", "its columns are not those of this run"),
+        (lambda text: "\udcff", "not a meunet training log ('utf-8' codec can't decode"),
+    ],
+)
+def test_resume_with_a_damaged_train_log_is_one_line_naming_it(volumes, tmp_path, cli, damage, message):
+    config = _config(volumes, tmp_path / "run", **{"training.max_iterations": 6})
+    train(parse_config(config, "cfg"))
+    log = tmp_path / "run" / "train_log.csv"
+    log.write_bytes(damage(log.read_text()).encode("utf-8", "surrogateescape"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    config["training"]["max_iterations"] = 9
+    result, _ = _run(cli, tmp_path, config, "--resume")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {log}: {message}"), result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+@pytest.mark.parametrize("fail_at", [3, 6])
+def test_a_run_failing_before_its_first_checkpoint_leaves_nothing_later_keeps_it(
+    volumes, tmp_path, monkeypatch, fail_at
+):
+    import errno
+
+    import meunet.train.loop as loop
+
+    save = loop.save_checkpoint
+
+    def disk_full_at(path, payload):
+        if payload["progress"]["iteration"] == fail_at:
+            raise InputError(path, f"cannot write: {os.strerror(errno.ENOSPC)}")
+        save(path, payload)
+
+    monkeypatch.setattr(loop, "save_checkpoint", disk_full_at)
+    with pytest.raises(InputError, match="No space left on device"):
+        train(parse_config(_config(volumes, tmp_path / "run"), "cfg"))
+    if fail_at == 3:  # the first checkpoint: nothing to resume, so nothing is left
+        assert list(tmp_path.iterdir()) == []
+    else:  # the checkpoint of step 3 is kept, and --resume continues from it
+        assert (tmp_path / "run" / "checkpoint_stage1.pt").is_file()
+        monkeypatch.setattr(loop, "save_checkpoint", save)
+        train(parse_config(_config(volumes, tmp_path / "run"), "cfg"), resume=True)
+
+
 def test_model_directory(volumes, tmp_path):
     out = train(parse_config(_config(volumes, tmp_path / "m"), "cfg"))
     meta = json.loads((out / "model.json").read_text())
@@ -288,6 +337,7 @@ def test_bad_config_is_one_line_naming_the_key(volumes, tmp_path, cli, change, e
             "not valid YAML: could not determine a constructor",
         ),
         (b"output: m\n  data: [\n", "not valid YAML: mapping values are not allowed here (line 2, column 7)"),
+        (b"output: m\ndata: " + b"[" * 5000 + b"]" * 5000, "not valid YAML: nested too deeply"),
     ],
 )
 def test_an_unreadable_or_ambiguous_yaml_is_one_line_naming_it(tmp_path, cli, text, expected):

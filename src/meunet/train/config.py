@@ -318,9 +318,14 @@ def load_config(path: str | Path) -> TrainConfig:
         mark = getattr(exc, "problem_mark", None)
         at = "" if mark is None else f" (line {mark.line + 1}, column {mark.column + 1})"
         raise InputError(path, f"not valid YAML: {getattr(exc, 'problem', None) or exc}{at}") from None
+    except RecursionError:
+        raise InputError(path, "not valid YAML: nested too deeply for a configuration") from None
     if not isinstance(values, dict):
         raise InputError(path, "expected a mapping of keys at the top level")
-    return parse_config(values, path, path.resolve().parent)
+    try:
+        return parse_config(values, path, path.resolve().parent)
+    except RecursionError:
+        raise InputError(path, "a value is nested too deeply for a configuration") from None
 
 
 def stage_mapping(mapping: dict, stage: int, iterations: int, validations: int) -> dict:

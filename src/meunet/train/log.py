@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from meunet.errors import InputError
 from meunet.io import atomic_output
 
 BASE_COLUMNS = ["stage", "iteration", "epoch", "loss", "local_loss", "context_loss", "seconds", "it_per_s"]
@@ -27,8 +28,29 @@ class TrainLog:
         self.columns = [*BASE_COLUMNS, *self.dice_columns, "mean_foreground_dice"]
         self.rows: list[dict[str, str]] = []
         if path.exists():
-            with path.open(newline="") as f:
-                self.rows = list(csv.DictReader(f))
+            self.rows = self._read(path)
+
+    def _read(self, path: Path) -> list[dict[str, str]]:
+        """The rows of an earlier run's log; one this class did not write is one :class:`InputError`."""
+        fix = "restore it, or start over with --force"
+        try:
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.reader(f)
+                header = next(reader, [])
+                rows = list(reader)
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise InputError(path, f"not a meunet training log ({e}): {fix}") from None
+        if header != self.columns:
+            columns = ", ".join(self.columns)
+            raise InputError(path, f"its columns are not those of this run ({columns}): {fix}")
+        for line, row in enumerate(rows, start=2):
+            try:
+                if len(row) != len(header) or not (int(row[0]) >= 1 and int(row[1]) >= 0):
+                    raise ValueError
+                [float(v) for v in row[2:] if v]
+            except ValueError:
+                raise InputError(path, f"line {line} is not a row of a meunet training log: {fix}") from None
+        return [dict(zip(header, row, strict=True)) for row in rows]
 
     def keep_until(self, stage: int, iteration: int) -> None:
         """Drop rows of ``stage`` after ``iteration`` and rows of later stages (work no checkpoint holds)."""

@@ -426,19 +426,27 @@ def train(
     if ddp.launched():
         check_distributed(config, ddp.launched_processes())
     device = ddp.process_device(resolve_device(config.device))
-    created = not config.output.exists()
-    try:
-        with ddp.session(device), contextlib.ExitStack() as held:
+    with ddp.session(device), contextlib.ExitStack() as held:
 
-            def lock() -> None:  # rank 0's: another run's lock is one line on every process
-                held.enter_context(output_lock(config.output))
+        def lock() -> None:  # rank 0's: another run's lock is one line on every process
+            held.enter_context(output_lock(config.output))
 
-            ddp.on_main(lock)
+        ddp.on_main(lock)
+        created = not config.output.exists()  # under the lock: no other run can make it now
+        try:
             return _train(config, resume, force, started, device)
-    except BaseException:
-        if ddp.first_process() and created and config.output.is_dir() and not any(config.output.iterdir()):
-            config.output.rmdir()  # what failed before anything was kept leaves nothing behind
-        raise
+        except BaseException:
+            if ddp.first_process() and created:
+                _discard_unresumable(config.output)
+            raise
+
+
+def _discard_unresumable(out: Path) -> None:
+    """Remove the model directory a failed run made (it holds only what this run wrote, under its lock)
+    unless it holds a checkpoint that ``--resume`` continues from: a run that fails (a full disk, an
+    interrupt) before its first checkpoint leaves nothing behind."""
+    if out.is_dir() and not any(out.rglob("*checkpoint*.pt")):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def check_distributed(config: TrainConfig, processes: int) -> None:
@@ -519,6 +527,9 @@ def _prepare(config: TrainConfig, resume: bool, force: bool, started: float, dev
             else:
                 load_checkpoint(checkpoint)
     split = resolve_split(config)
+    if resume:  # a damaged log is one line before any work too
+        for log in [out / "train_log.csv", *sorted((out / CACHE_DIR).glob("fold*_log.csv"))]:
+            TrainLog(log, split.classes)
     config, plan = _plan(config, split, device, started)
     stages = {"1": [1], "2": [2], "both": [1, 2]}[config.stages]  # the plan may train stage 1 alone
     data = prepare_data(config, split)
