@@ -25,6 +25,11 @@ def test_version(cli):
             ("synth", "from-labels", "l.nii", "o", "--class-names", "a,,b"),
             "error: --class-names: class name ''",
         ),
+        (("evaluate", "p.nii", "t.nii", "--class-names", "a,,b"), "error: --class-names: class name ''"),
+        (
+            ("evaluate", "p.nii", "t.nii", "--class-names", "a,a,b"),
+            "error: --class-names: class name 'a' given",
+        ),
         (("train", "x.yaml", "--nproc", "0"), "error: meunet train: Invalid value for '--nproc'"),
         (("predict",), "error: meunet predict: Missing argument"),
         (("info", "a", "b"), "error: meunet info: Got unexpected extra argument"),

@@ -476,3 +476,65 @@ def test_a_metaimage_header_itk_cannot_read_is_one_line_naming_the_fault(tmp_pat
     (tmp_path / "bad.mha").write_bytes(header.encode() + bytes(8 * 8 * 4))
     with pytest.raises(InputError, match=rf"bad\.mha: {message}"):
         open_volume(tmp_path / "bad.mha")
+
+
+@pytest.mark.parametrize(
+    ("attrs", "make", "message"),
+    [
+        ({"multiscales": [{"datasets": [{"path": "nope"}]}]}, None, "KeyError: 'nope'"),
+        ({"multiscales": [{"datasets": []}]}, None, "IndexError"),
+        ({"multiscales": [{"datasets": [{"path": "s"}], "axes": ["z", "y", "x"]}]}, "group",
+         "is not an array"),
+        ({"multiscales": [{"datasets": [{"path": "0", "coordinateTransformations": "x"}], "axes": 5}]},
+         "array", "TypeError"),
+    ],
+)  # fmt: skip
+def test_malformed_ome_zarr_metadata_is_one_line(tmp_path, attrs, make, message):
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "m.zarr"), mode="w")
+    if make == "group":
+        group.create_group("s")
+    elif make == "array":
+        group.create_array("0", shape=(4, 8, 8), dtype="u1")
+    group.attrs.update(attrs)
+    with pytest.raises(InputError, match=f"m.zarr: malformed OME-Zarr multiscales metadata \\(.*{message}"):
+        open_volume(tmp_path / "m.zarr")
+
+
+def test_a_volume_without_voxels_is_refused(tmp_path):
+    np.save(tmp_path / "empty.npy", np.zeros((0, 32, 32), np.uint8))
+    with pytest.raises(InputError, match=r"empty.npy: holds no voxels: shape \(0, 32, 32\)"):
+        open_volume(tmp_path / "empty.npy")
+
+
+def test_float64_voxels_beyond_float32_are_refused_naming_the_slice(tmp_path):
+    from meunet.io import require_finite
+
+    slab = np.zeros((3, 4, 4))
+    slab[2, 1, 1] = -1e300
+    with pytest.raises(InputError, match=r"x.npy: voxel beyond float32's range .* in slice z = 7"):
+        require_finite("x.npy", 5, slab)
+    require_finite("x.npy", 5, slab.clip(-3e38, 3e38))  # the largest float32 values pass
+
+
+def test_spacing_that_is_zero_in_float32_is_refused():
+    from meunet.io import fits_float32
+
+    assert fits_float32([1e-30, 1, 1], positive=True)
+    assert not fits_float32([1e-46, 1, 1], positive=True)  # 0 in float32: a header would store 0
+    assert fits_float32([1e-46, 1, 1])
+
+
+def test_a_nifti_header_with_zero_pixdim_reads_without_nibabels_log(tmp_path, capfd):
+    import struct
+
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), tmp_path / "z.nii")
+    data = bytearray((tmp_path / "z.nii").read_bytes())
+    data[80:84] = struct.pack("<f", 0.0)  # pixdim[1]
+    data[252:256] = struct.pack("<hh", 0, 0)  # no qform, no sform: the spacing is pixdim's
+    (tmp_path / "z.nii").write_bytes(data)
+    assert open_volume(tmp_path / "z.nii").array.shape == (8, 8, 8)
+    assert capfd.readouterr().err == ""

@@ -78,12 +78,13 @@ def _commands(inputs: dict[str, Path], out: Path) -> dict[str, tuple]:
                   "nii", "--no-progress"),
         "convert": ("convert", inputs["image"], out / "copy.nii"),
         "predict": ("predict", inputs["model"], inputs["image"], out / "labels.nii", "--no-progress"),
+        "predict-mha": ("predict", inputs["model"], inputs["image"], out / "labels.mha", "--no-progress"),
         "train": ("train", out.parent / f"{out.name}.yaml"),
         "demo": ("demo", "--out", out / "demo", "--quick", "--no-progress"),
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("command", ["synth", "convert", "predict", "train"])
+@pytest.mark.parametrize("command", ["synth", "convert", "predict", "predict-mha", "train"])
 def test_a_full_disk_is_one_line_and_leaves_nothing(small_fs, inputs, command):
     out = small_fs(64)
     result = _meunet(*_commands(inputs, out)[command])

@@ -174,3 +174,26 @@ def test_nifti_refuses_a_side_its_header_cannot_hold(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_volume(tmp_path / "long.zarr", Volume(np.zeros((40000, 2, 2), np.uint8)))
     assert open_volume(tmp_path / "long.zarr").array.shape == (40000, 2, 2)
+
+
+def test_a_folder_output_replaces_a_file_with_force(tmp_path):
+    path = tmp_path / "export.onnx"
+    path.write_text("an earlier file")
+    with atomic_output(path) as tmp:
+        tmp.mkdir()
+        (tmp / "model.onnx").write_text("new")
+    assert [p.name for p in path.iterdir()] == ["model.onnx"]
+    assert [p.name for p in tmp_path.iterdir()] == ["export.onnx"]
+
+
+def test_an_output_or_input_in_a_loop_of_symbolic_links_is_one_line(tmp_path):
+    from meunet.io import check_outputs
+
+    (tmp_path / "a.nii.gz").symlink_to(tmp_path / "b.nii.gz")
+    (tmp_path / "b.nii.gz").symlink_to(tmp_path / "a.nii.gz")
+    for outputs, inputs in [
+        ([tmp_path / "a.nii.gz"], []),
+        ([tmp_path / "c.nii.gz"], [tmp_path / "a.nii.gz"]),
+    ]:
+        with pytest.raises(InputError, match=r"a\.nii\.gz: is a loop of symbolic links"):
+            check_outputs(outputs, force=True, inputs=inputs)

@@ -238,11 +238,33 @@ def test_model_dir_errors(tmp_path, monkeypatch):
         {"postprocessing": {"1": "x"}},
         {"postprocessing": {"0": {"min_size": 5}}},
         {"postprocessing": {"1": {"min_size": -1}}},
+        {"classes": ["a", "a", "c"]},
+        {"classes": [0, 1, 2]},
+        {"stage1": {**meta["stage1"], "widths": [-4, 8, 8, 8, 8]}},
+        {"stage1": {**meta["stage1"], "widths": [4, 8, 8, 8, 10**12]}},
+        {"stage1": {**meta["stage1"], "widths": [0, 8, 8, 8, 8]}},
     ]
     for bad in bad_values:
         (path / "model.json").write_text(json.dumps({**meta, **bad}))
-        with pytest.raises(InputError, match=f"'{next(iter(bad))}' must"):
+        key = next(iter(bad))
+        with pytest.raises(InputError, match=f"'{key}{'.widths' if key == 'stage1' else ''}' must"):
             load_model_dir(path)
+
+    (path / "model.json").write_text(json.dumps(meta))
+    weights = torch.load(path / "stage1.pt", weights_only=True)
+    for name, value in [("encoders.0.0.weight", float("nan")), ("encoders.0.0.weight", float("inf"))]:
+        broken = {k: v.clone() for k, v in weights.items()}
+        broken[name].view(-1)[0] = value
+        torch.save(broken, path / "stage1.pt")
+        with pytest.raises(
+            InputError, match=f"1 tensors hold NaN, infinite or negative-variance values \\(first {name}"
+        ):
+            load_model_dir(path)
+    variance = next(k for k in weights if k.endswith("running_var"))  # batch norm, MeUNet's default
+    torch.save({**weights, variance: -1 - weights[variance]}, path / "stage1.pt")
+    with pytest.raises(InputError, match=f"negative-variance values \\(first {variance}"):
+        load_model_dir(path)
+    torch.save(weights, path / "stage1.pt")
 
     (path / "model.json").write_text(json.dumps({**meta, "classes": ["a"]}))
     with pytest.raises(InputError, match="classes"):

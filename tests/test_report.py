@@ -84,6 +84,7 @@ def test_cli_evaluate_bad_input(cli, tmp_path):
     assert (
         result.exit_code == 2 and str(tmp_path / "truth.npy") in result.stderr and "[0, 2)" in result.stderr
     )
+    assert "(--class-names names 2 classes)" in result.stderr
     scan = np.random.default_rng(0).integers(0, 200, truth.shape).astype(np.uint8)  # the image, not labels
     np.save(tmp_path / "scan.npy", scan)
     result = cli("evaluate", tmp_path / "scan.npy", tmp_path / "truth.npy", "--json", tmp_path / "s.json")

@@ -562,7 +562,7 @@ def evaluate_command(
     """Per-class Dice, IoU, precision, recall, HD95 (mm) and volumes, computed slab by slab."""
     from meunet.metrics import evaluate
 
-    names = None if class_names is None else [n.strip() for n in class_names.split(",")]
+    names = _class_names(class_names)
     result = evaluate(
         pred, truth, class_names=names, json_file=json_file, overlay=overlay, image=image, force=force
     )

@@ -136,13 +136,15 @@ def _test_window(sample, tile: tuple[int, int, int], normalization: Normalizatio
 
         fly = fly_phantom(tile, seed=0)[0].astype(np.float32) / 255
         return normalization.clip_low + fly * (normalization.clip_high - normalization.clip_low)
-    from meunet.io import open_volume
+    from meunet.io import open_volume, require_finite
 
     array = open_volume(sample).array
     if any(s < t for s, t in zip(array.shape, tile, strict=True)):
         raise InputError(sample, f"shape {tuple(array.shape)} is smaller than the test window {tile}")
     lo = [(s - t) // 2 for s, t in zip(array.shape, tile, strict=True)]
-    return np.asarray(array[tuple(slice(a, a + t) for a, t in zip(lo, tile, strict=True))], np.float32)
+    window = np.asarray(array[tuple(slice(a, a + t) for a, t in zip(lo, tile, strict=True))])
+    require_finite(sample, lo[0], window)
+    return window.astype(np.float32)
 
 
 def _onnx(net: nn.Module, inputs: tuple, names: list[str], output: str, path: Path) -> dict[str, Any]:

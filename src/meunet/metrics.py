@@ -260,7 +260,8 @@ def evaluate(
         result = evaluate_labels(arrays["prediction"], arrays["truth"], spacing, n_classes)
     except ValueError as exc:
         name = str(exc).split(" ")[0]
-        raise InputError(volumes[name][0] if name in volumes else pred, str(exc)) from None
+        named = "" if class_names is None else f" (--class-names names {n_classes} classes)"
+        raise InputError(volumes[name][0] if name in volumes else pred, f"{exc}{named}") from None
     confusion = np.asarray(result["confusion"])
     predicted, true = (np.flatnonzero(confusion.sum(axis)).max(initial=0) for axis in (0, 1))
     if class_names is None and predicted > true:

@@ -7,6 +7,12 @@ a whole in-memory volume. Geometry follows ITK (LPS), reversed into (z, y, x) or
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +162,29 @@ class ItkWriter(VolumeWriter):
         image.SetSpacing(spacing)
         image.SetOrigin(origin)
         image.SetDirection(direction)
-        sitk.WriteImage(image, str(self.target))
+        try:
+            with _c_stderr_silenced():  # MetaImage's library prints its own line of a failed write
+                sitk.WriteImage(image, str(self.target))
+        except RuntimeError as exc:  # ITK's message names no errno: a full disk is the free space it lacks
+            if shutil.disk_usage(self.target.parent).free < self._buffer.nbytes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+            first = next((line for line in str(exc).splitlines() if line.strip()), "SimpleITK failed")
+            raise InputError(self.path, f"cannot write: {first.strip()}"[:300]) from None
 
     def _release(self) -> None:
         self._buffer = None
+
+
+@contextmanager
+def _c_stderr_silenced() -> Iterator[None]:
+    """Send what C++ code writes to file descriptor 2 nowhere while the block runs (the error, if any, is
+    raised as one line by the caller)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

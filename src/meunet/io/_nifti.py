@@ -7,6 +7,7 @@ On disk NIfTI stores voxels x fastest with index order (x, y, z), which is exact
 from __future__ import annotations
 
 import gzip
+import logging
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,16 @@ def open_nifti(path: Path) -> Volume:
     Trailing singleton dimensions (an (X, Y, Z, 1) image) are dropped. Data with a scale slope or intercept
     is returned as float32.
     """
+    logger = logging.getLogger("nibabel")  # it logs a header it fixes (zero pixdim) on stderr
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return _open_nifti(path)
+    finally:
+        logger.setLevel(level)
+
+
+def _open_nifti(path: Path) -> Volume:
     try:
         img = nib.load(path, keep_file_open=True)
         hdr = img.header

@@ -94,10 +94,10 @@ def check_outputs(
     Traceback (most recent call last):
     meunet.errors.InputError: labels.nii.gz: given for two outputs of one command; give each its own name
     """
-    read = {Path(p).resolve() for p in inputs if p is not None}
+    read = {_resolved(p) for p in inputs if p is not None}
     written: set[Path] = set()
     for path in (p for p in outputs if p is not None):
-        resolved = Path(path).resolve()
+        resolved = _resolved(path)
         if any(resolved == r or resolved in r.parents or r in resolved.parents for r in read):
             raise InputError(
                 path, "is, holds or lies in an input of this command; write the output under another name"
@@ -111,6 +111,14 @@ def check_outputs(
             folder = folder.parent
         if not folder.is_dir():
             raise InputError(Path(path).parent, "the output folder does not exist")
+
+
+def _resolved(path: str | PathLike[str]) -> Path:
+    """``Path(path).resolve()``; a loop of symbolic links is one :class:`InputError`."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):  # RuntimeError before Python 3.13, OSError (ELOOP) after
+        raise InputError(path, "is a loop of symbolic links: remove them or choose another name") from None
 
 
 def require_suffix(path: str | PathLike[str] | None, suffix: str, what: str) -> None:
@@ -196,7 +204,8 @@ def atomic_output(path: str | PathLike[str], force: bool = True) -> Iterator[Pat
         old = None
         try:
             yield tmp
-            if path.is_dir() and not path.is_symlink():  # rename cannot replace a folder: move it aside
+            if (path.is_dir() and not path.is_symlink()) or (tmp.is_dir() and os.path.lexists(path)):
+                # rename cannot replace a folder, nor a file by a folder: move it aside
                 old = temporary_name(path)
                 os.replace(path, old)
             os.replace(tmp, path)

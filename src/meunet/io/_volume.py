@@ -237,6 +237,8 @@ def require_volume(path, shape, dtype) -> None:
         raise InputError(
             path, f"not a 3D volume: the array has {len(shape)} dimensions, shape {tuple(shape)}"
         )
+    if 0 in tuple(shape):
+        raise InputError(path, f"holds no voxels: shape {tuple(shape)}")
     dtype = np.dtype(dtype)
     if dtype.kind not in "biuf" or dtype.fields is not None:
         raise InputError(path, f"unsupported voxel type {dtype}: meunet reads bool, integer or float voxels")
@@ -246,11 +248,17 @@ def require_finite(path, z0: int, slab: np.ndarray, z_axis: int = 0) -> None:
     """Raise :class:`InputError` naming the first slice holding a NaN or infinite voxel of a float slab.
 
     ``slab`` starts at slice ``z0`` of the volume read from ``path``; its z axis is ``z_axis`` (1 for a
-    (C, dz, Y, X) slab). Integer slabs always pass.
+    (C, dz, Y, X) slab). A float64 voxel beyond float32's range (meunet computes in float32) is refused
+    too. Integer slabs always pass.
     """
     if slab.dtype.kind == "f" and not np.isfinite(slab).all():
         z = z0 + int(np.argwhere(~np.isfinite(slab))[0][z_axis])
         raise InputError(path, f"NaN or infinite voxel in slice z = {z}")
+    if slab.dtype.itemsize > 4 and slab.dtype.kind == "f" and (beyond := np.abs(slab) > FLOAT32_MAX).any():
+        z = z0 + int(np.argwhere(beyond)[0][z_axis])
+        raise InputError(
+            path, f"voxel beyond float32's range (+-3.4e38) in slice z = {z}: meunet computes in float32"
+        )
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # NIfTI, TIFF and ITK headers store float32
@@ -259,7 +267,9 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)  # NIfTI, TIFF and ITK headers sto
 def fits_float32(values, positive: bool = False) -> bool:
     """Whether every value is finite and fits float32 (and, with ``positive``, is above 0)."""
     values = np.asarray(values, dtype=np.float64)
-    return bool(np.all(np.abs(values) <= FLOAT32_MAX) and (not positive or np.all(values > 0)))
+    if not np.all(np.abs(values) <= FLOAT32_MAX):
+        return False
+    return not positive or bool(np.all(values.astype(np.float32) > 0))  # 1e-46 is 0 in float32
 
 
 def check_geometry(path, volume: Volume, fix: str = "meunet convert --spacing Z Y X replaces it") -> None:

@@ -42,28 +42,11 @@ def open_zarr(path: Path) -> Volume:
         raise InputError(path, f"not a readable Zarr store ({exc})") from exc
     spacing, origin, direction = np.ones(3), np.zeros(3), np.eye(3)
     if isinstance(node, zarr.Group):
-        ms = _multiscale(dict(node.attrs))
-        if ms is None:
-            raise InputError(path, "Zarr group without OME multiscales metadata (open the array inside it)")
-        level = ms["datasets"][0]
-        array = node[level["path"]]
-        scale, shift = _scale_translation(level.get("coordinateTransformations", []))
-        outer_scale, outer_shift = _scale_translation(ms.get("coordinateTransformations", []))
-        axes = ms["axes"]
-        space = [i for i, a in enumerate(axes) if (a.get("type") if isinstance(a, dict) else None) == "space"]
-        space = space[-3:] if len(space) >= 3 else [len(axes) - 3, len(axes) - 2, len(axes) - 1]
-        units = [
-            MM_PER_UNIT.get(axes[i].get("unit"), 1.0) if isinstance(axes[i], dict) else 1.0 for i in space
-        ]
-        if scale is not None:
-            spacing = scale[space] * (outer_scale[space] if outer_scale is not None else 1) * units
-        if shift is not None:
-            origin = shift[space] * (outer_scale[space] if outer_scale is not None else 1) * units
-        if outer_shift is not None:
-            origin = origin + outer_shift[space] * units
-        meunet = node.attrs.get("meunet", {})
-        if "direction" in meunet:
-            direction = np.asarray(meunet["direction"], float)
+        try:
+            array, spacing, origin, direction = _ome_level0(path, node)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise InputError(path, f"malformed OME-Zarr multiscales metadata ({what})"[:300]) from None
     else:
         array = node
     if array.ndim > 3 and all(n == 1 for n in array.shape[:-3]):
@@ -180,3 +163,31 @@ class ChannelsWriter(VolumeWriter):
 
     def _read(self, z0: int, z1: int) -> np.ndarray:
         return self.array[:, z0:z1]
+
+
+def _ome_level0(path: Path, node: zarr.Group) -> tuple:
+    """Level 0 of the OME-Zarr image ``node`` and its geometry: ``(array, spacing, origin, direction)``."""
+    spacing, origin, direction = np.ones(3), np.zeros(3), np.eye(3)
+    ms = _multiscale(dict(node.attrs))
+    if ms is None:
+        raise InputError(path, "Zarr group without OME multiscales metadata (open the array inside it)")
+    level = ms["datasets"][0]
+    array = node[level["path"]]
+    scale, shift = _scale_translation(level.get("coordinateTransformations", []))
+    outer_scale, outer_shift = _scale_translation(ms.get("coordinateTransformations", []))
+    axes = ms["axes"]
+    space = [i for i, a in enumerate(axes) if (a.get("type") if isinstance(a, dict) else None) == "space"]
+    space = space[-3:] if len(space) >= 3 else [len(axes) - 3, len(axes) - 2, len(axes) - 1]
+    units = [MM_PER_UNIT.get(axes[i].get("unit"), 1.0) if isinstance(axes[i], dict) else 1.0 for i in space]
+    if scale is not None:
+        spacing = scale[space] * (outer_scale[space] if outer_scale is not None else 1) * units
+    if shift is not None:
+        origin = shift[space] * (outer_scale[space] if outer_scale is not None else 1) * units
+    if outer_shift is not None:
+        origin = origin + outer_shift[space] * units
+    meunet = node.attrs.get("meunet", {})
+    if "direction" in meunet:
+        direction = np.asarray(meunet["direction"], float)
+    if not isinstance(array, zarr.Array):
+        raise ValueError(f"level 0 ({level['path']!r}) is not an array")
+    return array, spacing, origin, direction

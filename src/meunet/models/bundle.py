@@ -131,6 +131,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
     classes = meta.get("classes")
     if not isinstance(classes, list) or len(classes) != meta["stage1"].get("n_classes"):
         raise InputError(file, "'classes' must list one name per output class")
+    if not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
+        raise InputError(file, f"'classes' must be distinct non-empty names, got {classes!r}"[:300])
     if meta.get("stage2") is not None and not isinstance(meta["stage2"], dict):
         raise InputError(file, "'stage2' must be null or an architecture")
     window = meta.get("window")
@@ -210,6 +212,13 @@ def load_matching(file: Path, module: torch.nn.Module, state: dict, skip_prefix:
         parts.append(f"{len(unexpected)} unexpected (first {unexpected[0]})")
     if parts:
         raise InputError(file, "tensors do not match model.json's architecture: " + "; ".join(parts))
+    floats = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+    broken = [k for k, v in floats.items() if not torch.isfinite(v).all()]
+    broken += [k for k, v in floats.items() if k.endswith("running_var") and (v < 0).any()]
+    if broken:
+        raise InputError(
+            file, f"{len(broken)} tensors hold NaN, infinite or negative-variance values (first {broken[0]})"
+        )
     module.load_state_dict(state, strict=False)
 
 
@@ -224,6 +233,14 @@ def load_model_dir(path: str | os.PathLike[str], device: str | torch.device = "c
     if not path.is_dir():
         raise InputError(path, "model directory not found")
     meta = _read_meta(path)
+    for stage in ("stage1", "stage2"):
+        widths = (meta.get(stage) or {}).get("widths", [1])
+        if not (
+            isinstance(widths, list) and widths and all(type(w) is int and 1 <= w <= 4096 for w in widths)
+        ):
+            raise InputError(
+                path / "model.json", f"'{stage}.widths' must be integers from 1 to 4096, got {widths!r}"[:300]
+            )
     try:
         spec = dict(meta["stage1"])
         architecture = spec.pop("architecture", "meunet")
